@@ -1,0 +1,51 @@
+# qtool's front door. Every target sets up what it needs from nothing: a virtual env in .venv,
+# torch==2.13.0 first (a CPU build; an unpinned torch pulls gigabytes of CUDA packages), then
+# qtool with its dev extras (llama-cpp-python is built from source: ~6 min the first time).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install assets assets-gemma demo test test-slow check bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+# Offline real assets (SmolLM2-135M, Canterbury texts) into ~/.cache/qtool/assets.
+assets: install
+	$(PY) scripts/assets.py
+
+# Also Gemma 3 270M (benchmarks and the heavier checks).
+assets-gemma: install
+	$(PY) scripts/assets.py --gemma
+
+demo: assets
+	$(VENV)/bin/qtool inspect "$$($(PY) scripts/assets.py --path smollm2_hf)" --context 4096
+
+# The default suite (CI runs this). Heavier checks: make test-slow.
+test: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install
+	QTOOL_TEST_GEMMA=1 $(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+check: install
+	$(VENV)/bin/ruff check qtool kernels tests scripts
+	$(VENV)/bin/ruff format --check qtool kernels tests scripts
+	$(VENV)/bin/mypy
+
+bench: install
+	$(PY) scripts/bench_codecs.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

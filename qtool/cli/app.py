@@ -1,0 +1,89 @@
+"""The ``qtool`` command: wires the subcommands, global flags and error handling.
+
+Conventions, decided once: results on stdout, logs and progress on stderr; ``--json`` for
+machine-readable results; ``-v``/``-q``; exit codes 0 ok, 1 failure, 2 bad usage or bad input.
+Known errors become one ``error:`` line on stderr; ``QTOOL_DEBUG=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from qtool import __version__
+from qtool.cli import calibrate, eval_cmd, export, inspect, quantize
+from qtool.errors import EXIT_BAD_INPUT, EXIT_FAILURE, QToolError
+from qtool.output import Output, set_output
+
+app = typer.Typer(
+    name="qtool",
+    help="Model conversion toolchain for LLMs: inspect, calibrate, quantize, eval, export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"qtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help="More logs on stderr.")] = 0,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Results only: no logs or progress.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    set_output(Output(verbosity=-1 if quiet else verbose))
+
+
+app.command("inspect")(inspect.inspect_cmd)
+app.command("calibrate")(calibrate.calibrate_cmd)
+app.command("quantize")(quantize.quantize_cmd)
+app.command("eval")(eval_cmd.eval_command)
+app.command("export")(export.export_cmd)
+
+
+def _message(exc: BaseException) -> tuple[str, int]:
+    if isinstance(exc, QToolError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", 130
+    if isinstance(exc, MemoryError):
+        return "out of memory (try a smaller --batch/--context, or a machine with more RAM)", 1
+    if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
+        return f"no space left on device ({exc.filename or 'output'}): free space and retry", 1
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {exc.filename} (choose a writable location)", EXIT_BAD_INPUT
+    return f"internal error: {type(exc).__name__}: {exc} (set QTOOL_DEBUG=1 for the traceback)", EXIT_FAILURE
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app, turning known exceptions into one line."""
+    try:
+        app(args=argv, standalone_mode=False, prog_name="qtool")
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - this is the one place errors are mapped
+        if isinstance(exc, typer.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, typer.Abort):
+            sys.stderr.write("error: aborted\n")
+            sys.exit(130)
+        if isinstance(exc, typer.TyperException) and hasattr(exc, "show"):
+            exc.show()  # usage errors: Typer's message, exit code 2
+            sys.exit(getattr(exc, "exit_code", EXIT_BAD_INPUT))
+        if os.environ.get("QTOOL_DEBUG"):
+            raise
+        msg, code = _message(exc)
+        sys.stderr.write(f"error: {msg}\n")
+        sys.exit(code)
+    sys.exit(0)

@@ -1,0 +1,143 @@
+"""``qtool inspect``: architecture, parameters and the memory-footprint report, from headers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qtool.checkpoint import open_checkpoint
+from qtool.cli.options import AllowPickle, JsonFlag, Revision, Source
+from qtool.errors import BadInputError
+from qtool.footprint import build_report
+from qtool.io import atomic_output, check_writable
+from qtool.output import jsonable, get_output
+
+
+def inspect_cmd(
+    src: Source,
+    context: Annotated[
+        int | None, typer.Option("--context", min=1, help="Context length for the runtime estimate [default: model's, at most 4096].")
+    ] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Sequences in flight.")] = 1,
+    cache_dtype: Annotated[
+        str | None, typer.Option("--cache-dtype", help="KV-cache dtype: bf16, fp16, fp32, fp8, q8_0 [default: model's].")
+    ] = None,
+    gpu_mem: Annotated[
+        list[float] | None, typer.Option("--gpu-mem", help="GPU size in GiB to count GPUs for (repeatable) [default: 24, 40, 80].")
+    ] = None,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1, help="LoRA rank for the training estimate.")] = 16,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Also write the JSON report to this file (atomically).")
+    ] = None,
+    revision: Revision = None,
+    allow_pickle: AllowPickle = False,
+    json_out: JsonFlag = False,
+) -> None:
+    """Architecture, parameters, dtypes and memory footprint, read from headers alone.
+
+    Examples:
+
+      qtool inspect meta-llama/Llama-3.1-8B --context 8192
+
+      qtool inspect ./smollm2 --json | jq .formats
+    """
+    out = get_output()
+    out.json_mode = json_out
+    if gpu_mem and any(g <= 1 for g in gpu_mem):
+        raise BadInputError(f"--gpu-mem must be more than 1 GiB, got {min(gpu_mem)}")
+    if output is not None:
+        check_writable(output)
+    ckpt = open_checkpoint(src, revision=revision, allow_pickle=allow_pickle, headers_only=True)
+    try:
+        report = build_report(
+            ckpt, context=context, batch=batch, cache_dtype=cache_dtype,
+            gpu_sizes=tuple(gpu_mem) if gpu_mem else (24, 40, 80), lora_rank=lora_rank,
+        )  # fmt: skip
+    except ValueError as e:
+        raise BadInputError(str(e)) from e
+    data = report.as_dict()
+    if not data["model"]["gguf_export_supported"]:
+        out.warn(
+            f"architecture {data['model']['model_type']!r} is not supported for export; "
+            "GGUF sizes use llama's tensor names and may be approximate"
+        )
+    if output is not None:
+        with atomic_output(output) as f:
+            f.write(json.dumps(jsonable(data), indent=2).encode() + b"\n")
+        out.info(f"wrote {output}")
+    out.result(data, lambda console: render(console, data))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def render(console: Console, d: dict[str, Any]) -> None:
+    m, p, rt, tr = d["model"], d["params"], d["runtime"], d["training"]
+    head = Table(title=f"{m['source']}", show_header=False, title_justify="left")
+    head.add_column(style="bold")
+    head.add_column()
+    rows = [
+        ("architecture", f"{m['architecture']} ({m['model_type']})"),
+        ("layers", m["layers"]),
+        ("hidden / intermediate", f"{m['hidden']} / {m['intermediate']}"),
+        ("heads / kv heads / head dim", f"{m['heads']} / {m['kv_heads']} / {m['head_dim']}"),
+        ("vocab", m["vocab"]),
+        ("context length", m["context_length"]),
+        ("sliding window", m["sliding_window"] or "-"),
+        ("tied embeddings", "yes" if m["tied_embeddings"] else "no"),
+        ("parameters", f"{p['total']:,} ({_count(p['total'])})"),
+        ("by component", ", ".join(f"{k} {_count(v)}" for k, v in p["by_component"].items())),
+        ("by dtype", ", ".join(f"{k} {_count(v)}" for k, v in p["by_dtype"].items())),
+        ("on disk", f"{_size(m['bytes_on_disk'])} ({m['format']})"),
+    ]
+    for k, v in rows:
+        head.add_row(k, str(v))
+    console.print(head)
+
+    gpus = [str(int(g)) if float(g).is_integer() else str(g) for g in rt["gpu_sizes_gib"]]
+    t = Table(
+        title=f"Memory footprint: context {rt['context']}, batch {rt['batch']}, "
+        f"KV cache {_size(rt['kv_cache'])} ({rt['cache_dtype']}), activations {_size(rt['activations'])}",
+        title_justify="left",
+    )
+    t.add_column("format")
+    t.add_column("weights", justify="right")
+    t.add_column("bits/weight", justify="right")
+    t.add_column("inference total", justify="right")
+    for g in gpus:
+        t.add_column(f"{g} GiB GPUs", justify="right")
+    for f, r in zip(d["formats"], rt["rows"], strict=True):
+        t.add_row(f["format"], _size(f["bytes"]), f"{f['bits_per_weight']:.3f}", _size(r["total"]),
+                  *[str(r["gpus"][k]) for k in r["gpus"]])  # fmt: skip
+    console.print(t)
+
+    tt = Table(title="Training (AdamW mixed precision, activation checkpointing)", title_justify="left")
+    tt.add_column("method")
+    tt.add_column("memory", justify="right")
+    for g in gpus:
+        tt.add_column(f"{g} GiB GPUs", justify="right")
+    for key, label in (("full_finetune", "full fine-tune"), ("lora", f"LoRA r={tr['lora_rank']}")):
+        row = tr[key]
+        tt.add_row(label, _size(row["bytes"]), *[str(v) for v in row["gpus"].values()])
+    console.print(tt)
+    console.print(
+        "[dim]GGUF sizes follow llama-quantize's per-tensor types (fallbacks included); "
+        "GPTQ counts qweight, qzeros, scales and g_idx. GPU counts keep 1 GiB free per GPU.[/dim]"
+    )

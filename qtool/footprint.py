@@ -1,0 +1,266 @@
+"""The memory-footprint report: weights in every format, KV cache, activations, training, GPUs.
+
+Sizes come from the model's actual tensor shapes, never from a bits-per-weight average:
+each GGUF preset applies llama.cpp's per-tensor type policy (``qtool.policy``), including the
+row-length fallbacks, and each GPTQ / INT8 layout counts its scales, zero-points and g_idx.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from qtool.arch import ModelSpec, component, gguf_name
+from qtool.checkpoint import Checkpoint
+from qtool.kernels.types import get_type
+from qtool.policy import ModelFacts, plan_types
+
+GIB = 2**30
+# Reserve per GPU for the CUDA context, allocator slack and fragmentation.
+GPU_RESERVE_BYTES = 1 * GIB
+DEFAULT_GPU_SIZES_GB = (24, 40, 80)
+# The weight formats the report lists, in order.
+GGUF_PRESETS_REPORTED = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "TQ2_0")
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "f32": 4, "float16": 2, "fp16": 2, "f16": 2,
+               "bfloat16": 2, "bf16": 2, "fp8": 1, "float8": 1, "q8_0": 34 / 32}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A tensor as the report sees it: its name in the checkpoint, llama.cpp name, shape."""
+
+    name: str
+    gguf: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_linear(self) -> bool:
+        """A decoder-layer projection matrix: what GPTQ / INT8 formats quantize."""
+        return len(self.shape) == 2 and self.gguf.startswith("blk.") and (
+            "attn_" in self.gguf or "ffn_" in self.gguf
+        ) and not self.gguf.endswith("_norm.weight")
+
+
+@dataclass
+class FormatSize:
+    format: str
+    bytes: int
+    bits_per_weight: float  # all bytes (incl. scales, mins, zero-points, g_idx) * 8 / params
+    types: dict[str, int] = field(default_factory=dict)  # GGUF type -> tensor count
+    note: str = ""
+
+
+def model_tensors(ckpt: Checkpoint, spec: ModelSpec) -> list[Tensor]:
+    """The checkpoint's tensors with llama.cpp names; a tied lm_head is counted once."""
+    out = []
+    for info in ckpt.tensors.values():
+        g = gguf_name(info.name, spec.model_type, spec.n_layers) or info.name
+        if spec.tied_embeddings and g == "output.weight":
+            continue  # stored twice by some checkpoints; tied weights are one parameter
+        out.append(Tensor(info.name, g, info.shape))
+    return out
+
+
+def weight_formats(tensors: Sequence[Tensor], spec: ModelSpec) -> list[FormatSize]:
+    n_params = sum(t.numel for t in tensors)
+
+    def fmt(name: str, nbytes: float, **kw: object) -> FormatSize:
+        nb = int(math.ceil(nbytes))
+        return FormatSize(name, nb, 8 * nb / n_params, **kw)  # type: ignore[arg-type]
+
+    rows = [
+        fmt("FP32", 4 * n_params),
+        fmt("FP16", 2 * n_params),
+        fmt("BF16", 2 * n_params),
+        fmt(
+            "INT8 per-channel",
+            sum(t.numel + 2 * t.shape[0] if t.is_linear else 2 * t.numel for t in tensors),
+            note="int8 weights + one 16-bit scale per output channel; other tensors 16-bit",
+        ),
+    ]
+    for preset in GGUF_PRESETS_REPORTED:
+        rows.append(gguf_size(tensors, spec, preset))
+    for bits in (4, 3):
+        rows.append(fmt(f"GPTQ {bits}-bit g128", sum(gptq_bytes(t, bits, 128) for t in tensors),
+                        note="qweight + qzeros + fp16 scales + g_idx; other tensors fp16"))  # fmt: skip
+    return rows
+
+
+def gguf_size(tensors: Sequence[Tensor], spec: ModelSpec, preset: str) -> FormatSize:
+    """Bytes of a GGUF file's tensor data under ``preset`` as llama-quantize would type it,
+    from an F16 conversion (1-D tensors stay F32, as llama.cpp's converter writes them)."""
+    facts = policy_facts(spec)
+    entries = [(t.gguf, t.shape, "F32" if len(t.shape) == 1 else "F16") for t in tensors]
+    types = plan_types(entries, preset, facts)
+    total = 0
+    counts: dict[str, int] = {}
+    for t in tensors:
+        q = get_type(types[t.gguf])
+        total += t.numel // q.block_size * q.type_size
+        counts[q.name] = counts.get(q.name, 0) + 1
+    n_params = sum(t.numel for t in tensors)
+    return FormatSize(preset, total, 8 * total / n_params, types=counts,
+                      note="tensor data; metadata and tokenizer add a few MB")  # fmt: skip
+
+
+def gptq_bytes(t: Tensor, bits: int, group: int) -> int:
+    """Bytes of one tensor in the GPTQ v1 layout (AutoGPTQ / GPTQModel)."""
+    if not t.is_linear:
+        return 2 * t.numel
+    out_f, in_f = t.shape
+    groups = math.ceil(in_f / group)
+    qweight = math.ceil(in_f * bits / 32) * out_f * 4  # int32 [in*bits/32, out]
+    qzeros = groups * math.ceil(out_f * bits / 32) * 4  # int32 [groups, out*bits/32]
+    scales = groups * out_f * 2  # fp16 [groups, out]
+    g_idx = in_f * 4  # int32 [in]
+    return qweight + qzeros + scales + g_idx
+
+
+def policy_facts(spec: ModelSpec) -> ModelFacts:
+    return ModelFacts(
+        n_layers=spec.n_layers,
+        n_gqa=spec.n_gqa,
+        is_70b=spec.model_type in ("llama", "mistral") and spec.n_layers == 80 and spec.n_gqa > 1,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# runtime and training
+# --------------------------------------------------------------------------------------------
+
+
+def kv_cache_bytes(spec: ModelSpec, context: int, batch: int, dtype_bytes: float) -> int:
+    """Keys and values for every layer; sliding-window layers keep at most the window."""
+    per_token = 2 * spec.n_kv_heads * spec.head_dim * dtype_bytes
+    total = 0.0
+    for kind in spec.layer_types:
+        tokens = min(context, spec.sliding_window) if kind == "sliding" and spec.sliding_window \
+            else context  # fmt: skip
+        total += per_token * tokens * batch
+    return int(total)
+
+
+def activation_bytes(spec: ModelSpec, context: int, batch: int, chunk: int = 512) -> int:
+    """Transient inference activations, stated as a formula (fp32 working buffers):
+    prefill runs in chunks of ``chunk`` tokens (llama.cpp's ubatch, 512): per chunk the
+    residual stream and attention/MLP intermediates, chunk * (4*hidden + 3*intermediate) * 4 B,
+    plus attention scores heads * chunk * context * 4 B, plus the logits batch * vocab * 4 B."""
+    c = min(chunk, context)
+    inter = spec.intermediate or 4 * spec.hidden
+    per_seq = c * (4 * spec.hidden + 3 * inter) * 4 + spec.n_heads * c * context * 4
+    return int(batch * (per_seq + (spec.vocab or 0) * 4))
+
+
+def training_bytes(
+    spec: ModelSpec, n_params: int, context: int, batch: int, lora_rank: int, tensors: Sequence[Tensor]
+) -> dict[str, int]:
+    """Full fine-tune (mixed precision AdamW) and LoRA, with activation checkpointing.
+
+    Full: 16 B per parameter (bf16 weights and grads, fp32 master weights, Adam m and v; ZeRO
+    paper's accounting). LoRA: frozen bf16 base (2 B/param) and rank-``lora_rank`` adapters on
+    every decoder projection at 16 B per adapter parameter. Activations: with checkpointing
+    each layer keeps its bf16 input (2*b*s*h B) and one layer is recomputed at 34*b*s*h B
+    (Korthikanti et al. 2022, flash attention, so no s^2 term), plus fp32 logits b*s*vocab*4."""
+    b, s, h = batch, context, spec.hidden
+    acts = spec.n_layers * 2 * b * s * h + 34 * b * s * h + b * s * (spec.vocab or 0) * 4
+    lora_params = sum(lora_rank * (t.shape[0] + t.shape[1]) for t in tensors if t.is_linear)
+    return {
+        "full_finetune": 16 * n_params + acts,
+        "lora": 2 * n_params + 16 * lora_params + acts,
+        "lora_params": lora_params,
+        "activations": acts,
+    }
+
+
+def gpus_needed(total_bytes: int, gpu_gb: float) -> int:
+    """GPUs of ``gpu_gb`` GiB each, keeping GPU_RESERVE_BYTES free on every one."""
+    usable = gpu_gb * GIB - GPU_RESERVE_BYTES
+    return max(1, math.ceil(total_bytes / usable))
+
+
+@dataclass
+class Report:
+    model: dict[str, object]
+    params: dict[str, object]
+    formats: list[FormatSize]
+    runtime: dict[str, object]
+    training: dict[str, object]
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "model": self.model,
+            "params": self.params,
+            "formats": [asdict(f) for f in self.formats],
+            "runtime": self.runtime,
+            "training": self.training,
+        }
+
+
+def build_report(
+    ckpt: Checkpoint,
+    *,
+    context: int | None = None,
+    batch: int = 1,
+    cache_dtype: str | None = None,
+    gpu_sizes: Sequence[float] = DEFAULT_GPU_SIZES_GB,
+    lora_rank: int = 16,
+) -> Report:
+    spec = ModelSpec.from_config(ckpt.config)
+    tensors = model_tensors(ckpt, spec)
+    n_params = sum(t.numel for t in tensors)
+    ctx = context or min(spec.max_context or 4096, 4096)
+    by_component: dict[str, int] = {}
+    for t in tensors:
+        c = component(t.gguf, len(t.shape))
+        by_component[c] = by_component.get(c, 0) + t.numel
+    by_dtype: dict[str, int] = {}
+    for info in ckpt.tensors.values():
+        g = gguf_name(info.name, spec.model_type, spec.n_layers) or info.name
+        if spec.tied_embeddings and g == "output.weight":
+            continue
+        by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.numel
+    cache_name = (cache_dtype or spec.dtype or "bfloat16").lower()
+    if cache_name not in DTYPE_BYTES:
+        raise ValueError(f"unknown cache dtype {cache_dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
+    kv = kv_cache_bytes(spec, ctx, batch, DTYPE_BYTES[cache_name])
+    acts = activation_bytes(spec, ctx, batch)
+    formats = weight_formats(tensors, spec)
+    runtime_rows = []
+    for f in formats:
+        total = f.bytes + kv + acts
+        runtime_rows.append({
+            "format": f.format, "weights": f.bytes, "total": total,
+            "gpus": {str(g): gpus_needed(total, g) for g in gpu_sizes},
+        })  # fmt: skip
+    train = training_bytes(spec, n_params, ctx, batch, lora_rank, tensors)
+    train_rows = {
+        k: {"bytes": train[k], "gpus": {str(g): gpus_needed(train[k], g) for g in gpu_sizes}}
+        for k in ("full_finetune", "lora")
+    }
+    return Report(
+        model={
+            "source": ckpt.source, "format": ckpt.format, "model_type": spec.model_type,
+            "architecture": spec.architecture, "layers": spec.n_layers, "hidden": spec.hidden,
+            "intermediate": spec.intermediate, "heads": spec.n_heads, "kv_heads": spec.n_kv_heads,
+            "head_dim": spec.head_dim, "vocab": spec.vocab, "context_length": spec.max_context,
+            "tied_embeddings": spec.tied_embeddings, "sliding_window": spec.sliding_window,
+            "dtype": spec.dtype, "bytes_on_disk": ckpt.bytes_on_disk,
+            "gguf_export_supported": spec.supported,
+        },  # fmt: skip
+        params={"total": n_params, "by_component": by_component, "by_dtype": by_dtype},
+        formats=formats,
+        runtime={
+            "context": ctx, "batch": batch, "cache_dtype": cache_name, "kv_cache": kv,
+            "activations": acts, "gpu_sizes_gib": list(gpu_sizes),
+            "gpu_reserve_bytes": GPU_RESERVE_BYTES, "rows": runtime_rows,
+            "activation_formula": activation_bytes.__doc__.split("\n")[0].strip()
+            if activation_bytes.__doc__ else "",
+        },  # fmt: skip
+        training={"lora_rank": lora_rank, "lora_params": train["lora_params"],
+                  "activations": train["activations"], **train_rows},  # fmt: skip
+    )

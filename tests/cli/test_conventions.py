@@ -1,0 +1,67 @@
+"""Global CLI conventions: stdout/stderr split, --json, -q, exit codes, unimplemented commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def test_help_lists_the_five_commands(cli) -> None:
+    r = cli("--help")
+    assert r.exit_code == 0
+    for cmd in ("inspect", "calibrate", "quantize", "eval", "export"):
+        assert cmd in r.stdout
+
+
+def test_version(cli) -> None:
+    r = cli("--version")
+    assert r.exit_code == 0 and r.stdout.startswith("qtool ")
+
+
+def test_json_goes_to_stdout_alone(cli, tiny_llama: Path) -> None:
+    r = cli("inspect", tiny_llama, "--json")
+    assert r.exit_code == 0
+    json.loads(r.stdout)  # the whole of stdout is one JSON document
+
+
+def test_human_report_on_stdout(cli, tiny_llama: Path) -> None:
+    r = cli("inspect", tiny_llama)
+    assert r.exit_code == 0
+    assert "Memory footprint" in r.stdout and "Q4_K_M" in r.stdout and "GPTQ 4-bit g128" in r.stdout
+
+
+def test_quiet_suppresses_warnings(cli, tiny_llama: Path, tmp_path: Path) -> None:
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    cfg["model_type"] = "frobnicator"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    os.symlink(tiny_llama / "model.safetensors", tmp_path / "model.safetensors")
+    assert "warning" in cli("inspect", tmp_path).stderr
+    assert cli("-q", "inspect", tmp_path).stderr == ""
+
+
+@pytest.mark.parametrize("cmd", ["calibrate", "quantize", "eval", "export"])
+def test_unimplemented_commands_say_so(cli, cmd: str) -> None:
+    r = cli(cmd, "some/model")
+    assert r.exit_code == 1
+    assert "not implemented yet" in r.stderr and r.stdout == ""
+
+
+def test_debug_env_shows_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "QTOOL_DEBUG": "1"}
+    r = subprocess.run([sys.executable, "-m", "qtool", "inspect", str(tmp_path)],
+                       capture_output=True, text=True, env=env)  # fmt: skip
+    assert r.returncode != 0 and "Traceback" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "qtool", "inspect", str(tmp_path)],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_console_script_installed() -> None:
+    exe = Path(sys.executable).parent / "qtool"
+    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "inspect" in r.stdout

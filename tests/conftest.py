@@ -1,0 +1,93 @@
+"""Shared fixtures: the offline real assets, a tiny random Llama, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Assets:
+    root: Path
+    canterbury: Path
+    smollm2_gguf: Path
+    smollm2_hf: Path
+    gemma3_gguf: Path | None
+    gemma3_hf: Path | None
+
+
+@pytest.fixture(scope="session")
+def assets() -> Assets:
+    """The offline assets of ``make assets`` (prepared on first use). Gemma 3 is included when
+    already prepared (``make assets-gemma``) or when QTOOL_TEST_GEMMA=1."""
+    cmd = [sys.executable, str(REPO / "scripts" / "assets.py")]
+    root = Path(os.environ.get("QTOOL_ASSETS", Path.home() / ".cache" / "qtool" / "assets"))
+    if os.environ.get("QTOOL_TEST_GEMMA") == "1" or (root / "gemma3-270m-hf" / "config.json").exists():
+        cmd.append("--gemma")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/assets.py failed:\n{proc.stderr[-3000:]}")
+    p = json.loads(proc.stdout)
+    opt = lambda k: Path(p[k]) if p.get(k) else None  # noqa: E731
+    return Assets(Path(p["root"]), Path(p["canterbury"]), Path(p["smollm2_gguf"]),
+                  Path(p["smollm2_hf"]), opt("gemma3_gguf"), opt("gemma3_hf"))  # fmt: skip
+
+
+TINY_LLAMA = dict(
+    hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def make_tiny_llama(path: Path, dtype: str = "bfloat16", **overrides: object) -> Path:
+    """A random Llama with 256-multiple dims, saved as an HF safetensors checkpoint."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**TINY_LLAMA, **overrides})
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@dataclass
+class Result:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> dict:
+        return json.loads(self.stdout)
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]):
+    """Run ``qtool ARGS`` in-process through the real entry point (error mapping included)."""
+    from qtool.cli.app import main
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        try:
+            main(list(map(str, args)))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return run

@@ -26,9 +26,22 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # safetensors dtype name -> bytes per element
 ST_DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
-}  # fmt: skip
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
 
 
 @dataclass(frozen=True)
@@ -191,12 +204,16 @@ def _open_hub_headers(
     for fname, fmeta in meta.files_metadata.items():
         for name, t in fmeta.tensors.items():
             tensors[name] = TensorInfo(
-                name, tuple(t.shape), t.dtype, t.data_offsets[1] - t.data_offsets[0],
+                name,
+                tuple(t.shape),
+                t.dtype,
+                t.data_offsets[1] - t.data_offsets[0],
                 folder / fname,
-            )  # fmt: skip
-    remote = sum(m.header_size + 8 + sum(t.nbytes for t in tensors.values() if t.file.name == f)
-                 for f, m in meta.files_metadata.items())  # fmt: skip
-    return Checkpoint(repo_id, "safetensors", folder, config, tensors, files=[], remote_bytes=remote)
+            )
+    remote = sum(t.nbytes for t in tensors.values())  # tensor data; headers are small
+    return Checkpoint(
+        repo_id, "safetensors", folder, config, tensors, files=[], remote_bytes=remote
+    )
 
 
 def _pickle_error(src: str, allow_pickle: bool) -> BadInputError:
@@ -321,9 +338,15 @@ def _open_gguf(src: str, path: Path) -> Checkpoint:
     metadata, tensors = read_gguf(path)
     config = config_from_gguf(metadata, tensors)
     return Checkpoint(
-        src, "gguf", path.parent, config, tensors, files=[path], gguf_path=path,
+        src,
+        "gguf",
+        path.parent,
+        config,
+        tensors,
+        files=[path],
+        gguf_path=path,
         gguf_metadata=metadata,
-    )  # fmt: skip
+    )
 
 
 def config_from_gguf(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> dict[str, Any]:

@@ -22,8 +22,19 @@ GPU_RESERVE_BYTES = 1 * GIB
 DEFAULT_GPU_SIZES_GB = (24, 40, 80)
 # The weight formats the report lists, in order.
 GGUF_PRESETS_REPORTED = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "TQ2_0")
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "f32": 4, "float16": 2, "fp16": 2, "f16": 2,
-               "bfloat16": 2, "bf16": 2, "fp8": 1, "float8": 1, "q8_0": 34 / 32}  # fmt: skip
+DTYPE_BYTES = {
+    "float32": 4,
+    "fp32": 4,
+    "f32": 4,
+    "float16": 2,
+    "fp16": 2,
+    "f16": 2,
+    "bfloat16": 2,
+    "bf16": 2,
+    "fp8": 1,
+    "float8": 1,
+    "q8_0": 34 / 32,
+}
 
 
 @dataclass(frozen=True)
@@ -41,9 +52,12 @@ class Tensor:
     @property
     def is_linear(self) -> bool:
         """A decoder-layer projection matrix: what GPTQ / INT8 formats quantize."""
-        return len(self.shape) == 2 and self.gguf.startswith("blk.") and (
-            "attn_" in self.gguf or "ffn_" in self.gguf
-        ) and not self.gguf.endswith("_norm.weight")
+        return (
+            len(self.shape) == 2
+            and self.gguf.startswith("blk.")
+            and ("attn_" in self.gguf or "ffn_" in self.gguf)
+            and not self.gguf.endswith("_norm.weight")
+        )
 
 
 @dataclass
@@ -86,8 +100,13 @@ def weight_formats(tensors: Sequence[Tensor], spec: ModelSpec) -> list[FormatSiz
     for preset in GGUF_PRESETS_REPORTED:
         rows.append(gguf_size(tensors, spec, preset))
     for bits in (4, 3):
-        rows.append(fmt(f"GPTQ {bits}-bit g128", sum(gptq_bytes(t, bits, 128) for t in tensors),
-                        note="qweight + qzeros + fp16 scales + g_idx; other tensors fp16"))  # fmt: skip
+        rows.append(
+            fmt(
+                f"GPTQ {bits}-bit g128",
+                sum(gptq_bytes(t, bits, 128) for t in tensors),
+                note="qweight + qzeros + fp16 scales + g_idx; other tensors fp16",
+            )
+        )
     return rows
 
 
@@ -104,8 +123,13 @@ def gguf_size(tensors: Sequence[Tensor], spec: ModelSpec, preset: str) -> Format
         total += t.numel // q.block_size * q.type_size
         counts[q.name] = counts.get(q.name, 0) + 1
     n_params = sum(t.numel for t in tensors)
-    return FormatSize(preset, total, 8 * total / n_params, types=counts,
-                      note="tensor data; metadata and tokenizer add a few MB")  # fmt: skip
+    return FormatSize(
+        preset,
+        total,
+        8 * total / n_params,
+        types=counts,
+        note="tensor data; metadata and tokenizer add a few MB",
+    )
 
 
 def gptq_bytes(t: Tensor, bits: int, group: int) -> int:
@@ -135,12 +159,14 @@ def policy_facts(spec: ModelSpec) -> ModelFacts:
 
 
 def kv_cache_bytes(spec: ModelSpec, context: int, batch: int, dtype_bytes: float) -> int:
-    """Keys and values for every layer; sliding-window layers keep at most the window."""
+    """Keys and values for every layer. A sliding-window layer keeps the last ``window - 1``
+    tokens (the current token completes the window), as transformers' cache does."""
     per_token = 2 * spec.n_kv_heads * spec.head_dim * dtype_bytes
     total = 0.0
     for kind in spec.layer_types:
-        tokens = min(context, spec.sliding_window) if kind == "sliding" and spec.sliding_window \
-            else context  # fmt: skip
+        tokens = context
+        if kind == "sliding" and spec.sliding_window:
+            tokens = min(context, spec.sliding_window - 1)
         total += per_token * tokens * batch
     return int(total)
 
@@ -157,7 +183,12 @@ def activation_bytes(spec: ModelSpec, context: int, batch: int, chunk: int = 512
 
 
 def training_bytes(
-    spec: ModelSpec, n_params: int, context: int, batch: int, lora_rank: int, tensors: Sequence[Tensor]
+    spec: ModelSpec,
+    n_params: int,
+    context: int,
+    batch: int,
+    lora_rank: int,
+    tensors: Sequence[Tensor],
 ) -> dict[str, int]:
     """Full fine-tune (mixed precision AdamW) and LoRA, with activation checkpointing.
 
@@ -226,17 +257,23 @@ def build_report(
         by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.numel
     cache_name = (cache_dtype or spec.dtype or "bfloat16").lower()
     if cache_name not in DTYPE_BYTES:
-        raise ValueError(f"unknown cache dtype {cache_dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
+        raise ValueError(
+            f"unknown cache dtype {cache_dtype!r}; use one of {', '.join(DTYPE_BYTES)}"
+        )
     kv = kv_cache_bytes(spec, ctx, batch, DTYPE_BYTES[cache_name])
     acts = activation_bytes(spec, ctx, batch)
     formats = weight_formats(tensors, spec)
     runtime_rows = []
     for f in formats:
         total = f.bytes + kv + acts
-        runtime_rows.append({
-            "format": f.format, "weights": f.bytes, "total": total,
-            "gpus": {str(g): gpus_needed(total, g) for g in gpu_sizes},
-        })  # fmt: skip
+        runtime_rows.append(
+            {
+                "format": f.format,
+                "weights": f.bytes,
+                "total": total,
+                "gpus": {str(g): gpus_needed(total, g) for g in gpu_sizes},
+            }
+        )
     train = training_bytes(spec, n_params, ctx, batch, lora_rank, tensors)
     train_rows = {
         k: {"bytes": train[k], "gpus": {str(g): gpus_needed(train[k], g) for g in gpu_sizes}}
@@ -244,23 +281,43 @@ def build_report(
     }
     return Report(
         model={
-            "source": ckpt.source, "format": ckpt.format, "model_type": spec.model_type,
-            "architecture": spec.architecture, "layers": spec.n_layers, "hidden": spec.hidden,
-            "intermediate": spec.intermediate, "heads": spec.n_heads, "kv_heads": spec.n_kv_heads,
-            "head_dim": spec.head_dim, "vocab": spec.vocab, "context_length": spec.max_context,
-            "tied_embeddings": spec.tied_embeddings, "sliding_window": spec.sliding_window,
-            "dtype": spec.dtype, "bytes_on_disk": ckpt.bytes_on_disk,
+            "source": ckpt.source,
+            "format": ckpt.format,
+            "model_type": spec.model_type,
+            "architecture": spec.architecture,
+            "layers": spec.n_layers,
+            "hidden": spec.hidden,
+            "intermediate": spec.intermediate,
+            "heads": spec.n_heads,
+            "kv_heads": spec.n_kv_heads,
+            "head_dim": spec.head_dim,
+            "vocab": spec.vocab,
+            "context_length": spec.max_context,
+            "tied_embeddings": spec.tied_embeddings,
+            "sliding_window": spec.sliding_window,
+            "dtype": spec.dtype,
+            "bytes_on_disk": ckpt.bytes_on_disk,
             "gguf_export_supported": spec.supported,
-        },  # fmt: skip
+        },
         params={"total": n_params, "by_component": by_component, "by_dtype": by_dtype},
         formats=formats,
         runtime={
-            "context": ctx, "batch": batch, "cache_dtype": cache_name, "kv_cache": kv,
-            "activations": acts, "gpu_sizes_gib": list(gpu_sizes),
-            "gpu_reserve_bytes": GPU_RESERVE_BYTES, "rows": runtime_rows,
+            "context": ctx,
+            "batch": batch,
+            "cache_dtype": cache_name,
+            "kv_cache": kv,
+            "activations": acts,
+            "gpu_sizes_gib": list(gpu_sizes),
+            "gpu_reserve_bytes": GPU_RESERVE_BYTES,
+            "rows": runtime_rows,
             "activation_formula": activation_bytes.__doc__.split("\n")[0].strip()
-            if activation_bytes.__doc__ else "",
-        },  # fmt: skip
-        training={"lora_rank": lora_rank, "lora_params": train["lora_params"],
-                  "activations": train["activations"], **train_rows},  # fmt: skip
+            if activation_bytes.__doc__
+            else "",
+        },
+        training={
+            "lora_rank": lora_rank,
+            "lora_params": train["lora_params"],
+            "activations": train["activations"],
+            **train_rows,
+        },
     )

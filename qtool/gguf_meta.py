@@ -40,7 +40,8 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
         end = int(t.data_offset) + int(t.n_bytes)
         if end > size:
             raise CorruptFileError(
-                f"{path}: truncated GGUF file (tensor {t.name} ends at byte {end}, file has {size})",
+                f"{path}: truncated GGUF file "
+                f"(tensor {t.name} ends at byte {end}, file has {size})",
                 hint="re-download or re-export the file",
             )
         shape = tuple(int(d) for d in reversed(list(t.shape)))

@@ -43,7 +43,9 @@ def atomic_output(path: Path | str, mode: str = "wb") -> Iterator[BinaryIO]:
     except OSError as e:
         _unlink(tmp)
         if e.errno == errno.ENOSPC:
-            raise OutputError(f"{path}: no space left on device", hint="free space and retry") from e
+            raise OutputError(
+                f"{path}: no space left on device", hint="free space and retry"
+            ) from e
         raise OutputError(f"{path}: could not write ({e.strerror or e})") from e
     except BaseException:
         _unlink(tmp)

@@ -62,9 +62,14 @@ ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
 # Row-length fallbacks (llama.cpp tensor_type_fallback).
 FALLBACK = {
-    "Q2_K": "Q4_0", "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0",
-    "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
-}  # fmt: skip
+    "Q2_K": "Q4_0",
+    "Q3_K": "Q4_0",
+    "TQ1_0": "Q4_0",
+    "TQ2_0": "Q4_0",
+    "Q4_K": "Q5_0",
+    "Q5_K": "Q5_1",
+    "Q6_K": "Q8_0",
+}
 
 
 def resolve_preset(name: str) -> str:
@@ -95,8 +100,14 @@ def category(name: str) -> str:
         return "output"
     if name in ("token_embd.weight", "per_layer_token_embd.weight"):
         return "token_embd"
-    for cat in ("attn_qkv.weight", "attn_kv_b.weight", "attn_v.weight", "attn_k.weight",
-                "attn_q.weight", "attn_output.weight"):  # fmt: skip
+    for cat in (
+        "attn_qkv.weight",
+        "attn_kv_b.weight",
+        "attn_v.weight",
+        "attn_k.weight",
+        "attn_q.weight",
+        "attn_output.weight",
+    ):
         if cat in name:
             return cat.removesuffix(".weight")
     for cat in ("ffn_up", "ffn_gate", "ffn_down"):
@@ -109,8 +120,16 @@ def allows_quantization(name: str, ndim: int) -> bool:
     """llama.cpp's tensor_allows_quantization for the tensors of the supported archs."""
     if ndim < 2 or not name.endswith("weight") or "_norm.weight" in name:
         return False
-    skip = ("ffn_gate_inp.weight", "altup", "laurel", "per_layer_model_proj", "position_embd",
-            "token_types", "ssm_conv1d", "attn_rel_b.weight")  # fmt: skip
+    skip = (
+        "ffn_gate_inp.weight",
+        "altup",
+        "laurel",
+        "per_layer_model_proj",
+        "position_embd",
+        "token_types",
+        "ssm_conv1d",
+        "attn_rel_b.weight",
+    )
     return not any(s in name for s in skip)
 
 
@@ -181,18 +200,39 @@ def plan_types(
                     new, manual = qtype, True
                     break
             if not manual and not pure:
-                new = _mix(name, cat, shape, new, preset, facts, tied, n_attn_v, state,
-                           has_imatrix, output_type, token_embedding_type)  # fmt: skip
+                new = _mix(
+                    name,
+                    cat,
+                    shape,
+                    new,
+                    preset,
+                    facts,
+                    tied,
+                    n_attn_v,
+                    state,
+                    has_imatrix,
+                    output_type,
+                    token_embedding_type,
+                )
             new = fallback(name, shape[-1], new)
         out[name] = new
     return out
 
 
 def _mix(
-    name: str, cat: str, shape: tuple[int, ...], new: str, preset: str, facts: ModelFacts,
-    tied: bool, n_attn_v: int, state: dict[str, int], has_imatrix: bool,
-    output_type: str | None, token_embedding_type: str | None,
-) -> str:  # fmt: skip
+    name: str,
+    cat: str,
+    shape: tuple[int, ...],
+    new: str,
+    preset: str,
+    facts: ModelFacts,
+    tied: bool,
+    n_attn_v: int,
+    state: dict[str, int],
+    has_imatrix: bool,
+    output_type: str | None,
+    token_embedding_type: str | None,
+) -> str:
     """llama_tensor_get_type_impl for the k-quant and legacy presets."""
     n = facts.n_layers
     if cat == "output" or (tied and cat == "token_embd"):

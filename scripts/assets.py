@@ -60,8 +60,17 @@ def pip_download(name: str, version: str, *, sdist: bool = False) -> Path:
     if found:
         return found[0]
     log(f"downloading {name}=={version} from PyPI")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest),
-           f"{name}=={version}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "-q",
+        "-d",
+        str(dest),
+        f"{name}=={version}",
+    ]
     cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
     subprocess.run(cmd, check=True)
     found = [p for p in dest.iterdir() if p.name.lower().startswith(f"{stem}-{version}")]
@@ -121,7 +130,9 @@ def hf_from_gguf(gguf: Path, out: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     log(f"converting {gguf.name} to an HF checkpoint (once)")
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if hasattr(config, "quantization_config"):

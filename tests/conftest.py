@@ -30,22 +30,36 @@ def assets() -> Assets:
     already prepared (``make assets-gemma``) or when QTOOL_TEST_GEMMA=1."""
     cmd = [sys.executable, str(REPO / "scripts" / "assets.py")]
     root = Path(os.environ.get("QTOOL_ASSETS", Path.home() / ".cache" / "qtool" / "assets"))
-    if os.environ.get("QTOOL_TEST_GEMMA") == "1" or (root / "gemma3-270m-hf" / "config.json").exists():
+    if (
+        os.environ.get("QTOOL_TEST_GEMMA") == "1"
+        or (root / "gemma3-270m-hf" / "config.json").exists()
+    ):
         cmd.append("--gemma")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.fail(f"scripts/assets.py failed:\n{proc.stderr[-3000:]}")
     p = json.loads(proc.stdout)
     opt = lambda k: Path(p[k]) if p.get(k) else None  # noqa: E731
-    return Assets(Path(p["root"]), Path(p["canterbury"]), Path(p["smollm2_gguf"]),
-                  Path(p["smollm2_hf"]), opt("gemma3_gguf"), opt("gemma3_hf"))  # fmt: skip
+    return Assets(
+        Path(p["root"]),
+        Path(p["canterbury"]),
+        Path(p["smollm2_gguf"]),
+        Path(p["smollm2_hf"]),
+        opt("gemma3_gguf"),
+        opt("gemma3_hf"),
+    )
 
 
 TINY_LLAMA = dict(
-    hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1024,
+    max_position_embeddings=2048,
     tie_word_embeddings=False,
-)  # fmt: skip
+)
 
 
 def make_tiny_llama(path: Path, dtype: str = "bfloat16", **overrides: object) -> Path:

@@ -14,8 +14,12 @@ import pytest
 
 def qtool(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The installed console entry point in a subprocess (fresh env, real exit code)."""
-    return subprocess.run([sys.executable, "-m", "qtool", *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "qtool", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def one_line_error(r, code: int, *needles: str) -> None:
@@ -60,7 +64,10 @@ def test_gguf_source(cli, assets) -> None:
     assert rep["model"]["format"] == "gguf" and rep["model"]["layers"] == 30
     assert rep["params"]["by_dtype"] == {"Q8_0": 28311552, "F32": 35136, "Q4_1": 106168320}
     # Same parameter count as the HF conversion of the same file.
-    assert rep["params"]["total"] == cli("inspect", assets.smollm2_hf, "--json").json()["params"]["total"]
+    assert (
+        rep["params"]["total"]
+        == cli("inspect", assets.smollm2_hf, "--json").json()["params"]["total"]
+    )
 
 
 def test_missing_path(cli) -> None:
@@ -88,8 +95,13 @@ def test_truncated_safetensors(cli, tiny_llama: Path, tmp_path: Path) -> None:
 def test_index_naming_missing_shard(cli, tiny_llama: Path, tmp_path: Path) -> None:
     shutil.copy(tiny_llama / "config.json", tmp_path)
     shutil.copy(tiny_llama / "model.safetensors", tmp_path / "model-00001-of-00002.safetensors")
-    index = {"metadata": {}, "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors",
-                                             "lm_head.weight": "model-00001-of-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {
+            "model.norm.weight": "model-00002-of-00002.safetensors",
+            "lm_head.weight": "model-00001-of-00002.safetensors",
+        },
+    }
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     one_line_error(cli("inspect", tmp_path), 2, "model-00002-of-00002.safetensors", "missing")
 
@@ -109,7 +121,9 @@ def test_corrupt_gguf(cli, assets, tmp_path: Path) -> None:
     one_line_error(cli("inspect", bad), 2, "not a GGUF file")
 
 
-def test_unknown_architecture_is_inspected_with_a_warning(cli, tiny_llama: Path, tmp_path: Path) -> None:
+def test_unknown_architecture_is_inspected_with_a_warning(
+    cli, tiny_llama: Path, tmp_path: Path
+) -> None:
     shutil.copy(tiny_llama / "model.safetensors", tmp_path)
     cfg = json.loads((tiny_llama / "config.json").read_text())
     cfg["model_type"], cfg["architectures"] = "frobnicator", ["FrobForCausalLM"]
@@ -127,7 +141,9 @@ def test_config_without_shape_is_a_clear_error(cli, tiny_llama: Path, tmp_path: 
 
 
 def test_unwritable_output(cli, tiny_llama: Path, tmp_path: Path) -> None:
-    one_line_error(cli("inspect", tiny_llama, "-o", tmp_path / "nope" / "r.json"), 2, "does not exist")
+    one_line_error(
+        cli("inspect", tiny_llama, "-o", tmp_path / "nope" / "r.json"), 2, "does not exist"
+    )
 
 
 def test_readonly_output_folder(cli, tiny_llama: Path, tmp_path: Path, monkeypatch) -> None:
@@ -136,7 +152,9 @@ def test_readonly_output_folder(cli, tiny_llama: Path, tmp_path: Path, monkeypat
     import qtool.io
 
     real_access = os.access
-    monkeypatch.setattr(qtool.io.os, "access", lambda p, m: False if m == os.W_OK else real_access(p, m))
+    monkeypatch.setattr(
+        qtool.io.os, "access", lambda p, m: False if m == os.W_OK else real_access(p, m)
+    )
     one_line_error(cli("inspect", tiny_llama, "-o", tmp_path / "r.json"), 2, "not writable")
     assert list(tmp_path.iterdir()) == []
 

@@ -11,9 +11,21 @@ import pytest
 from tests.conftest import make_tiny_llama
 
 # Bytes per block / weights per block, as ../shared/DESIGN.md lists them from ggml-common.h.
-BLOCK = {"Q8_0": (34, 32), "Q4_0": (18, 32), "Q4_1": (20, 32), "Q5_0": (22, 32),
-         "Q5_1": (24, 32), "Q2_K": (84, 256), "Q3_K": (110, 256), "Q4_K": (144, 256),
-         "Q5_K": (176, 256), "Q6_K": (210, 256), "TQ2_0": (66, 256), "F32": (4, 1), "F16": (2, 1)}  # fmt: skip
+BLOCK = {
+    "Q8_0": (34, 32),
+    "Q4_0": (18, 32),
+    "Q4_1": (20, 32),
+    "Q5_0": (22, 32),
+    "Q5_1": (24, 32),
+    "Q2_K": (84, 256),
+    "Q3_K": (110, 256),
+    "Q4_K": (144, 256),
+    "Q5_K": (176, 256),
+    "Q6_K": (210, 256),
+    "TQ2_0": (66, 256),
+    "F32": (4, 1),
+    "F16": (2, 1),
+}
 
 
 def nbytes(numel: int, t: str) -> int:
@@ -96,6 +108,7 @@ def test_gguf_sizes_follow_block_tables_and_mixes(cli, tiny_llama: Path) -> None
 
     # Q8_0: everything 2-D in Q8_0 (output too: the preset is Q8_0).
     assert rep["Q8_0"]["bytes"] == expect(lambda k: "Q8_0")
+
     # Q4_K_M with n_layer = 2: more_bits(1, 2) holds (i >= 7n/8), more_bits(0, 2) does not;
     # output -> Q6_K; untied token embeddings keep Q4_K.
     def q4km(k: str) -> str:
@@ -107,6 +120,7 @@ def test_gguf_sizes_follow_block_tables_and_mixes(cli, tiny_llama: Path) -> None
 
     assert rep["Q4_K_M"]["bytes"] == expect(q4km)
     assert rep["Q4_K_M"]["bits_per_weight"] == pytest.approx(8 * expect(q4km) / n_params)
+
     # Q2_K: attn_v -> Q3_K (gqa 2 < 4), ffn_down and attn_output -> Q3_K, output -> Q6_K.
     def q2k(k: str) -> str:
         if k == "lm_head.weight":
@@ -156,3 +170,19 @@ def test_json_report_written_atomically(cli, tiny_llama: Path, tmp_path: Path) -
     assert r.exit_code == 0
     assert json.loads(out.read_text()) == r.json()
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+@pytest.mark.slow
+def test_gemma3_sliding_window_kv_cache(cli, assets) -> None:
+    """Gemma 3: 5 of 6 layers attend a 512-token window; the report matches a real cache."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    assert assets.gemma3_hf is not None, "run with QTOOL_TEST_GEMMA=1 (make test-slow)"
+    rep = cli("inspect", assets.gemma3_hf, "--context", "1024", "--json").json()
+    model = AutoModelForCausalLM.from_pretrained(assets.gemma3_hf, dtype=torch.bfloat16)
+    assert rep["params"]["total"] == model.num_parameters()
+    with torch.no_grad():
+        cache = model(torch.randint(0, 1000, (1, 1024)), use_cache=True).past_key_values
+    real = sum(t.numel() * t.element_size() for lay in cache.layers for t in (lay.keys, lay.values))
+    assert rep["runtime"]["kv_cache"] == real

@@ -36,8 +36,12 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _global(
-    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help="More logs on stderr.")] = 0,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Results only: no logs or progress.")] = False,
+    verbose: Annotated[
+        int, typer.Option("-v", "--verbose", count=True, help="More logs on stderr.")
+    ] = 0,
+    quiet: Annotated[
+        bool, typer.Option("-q", "--quiet", help="Results only: no logs or progress.")
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
@@ -63,7 +67,10 @@ def _message(exc: BaseException) -> tuple[str, int]:
         return f"no space left on device ({exc.filename or 'output'}): free space and retry", 1
     if isinstance(exc, PermissionError):
         return f"permission denied: {exc.filename} (choose a writable location)", EXIT_BAD_INPUT
-    return f"internal error: {type(exc).__name__}: {exc} (set QTOOL_DEBUG=1 for the traceback)", EXIT_FAILURE
+    return (
+        f"internal error: {type(exc).__name__}: {exc} (set QTOOL_DEBUG=1 for the traceback)",
+        EXIT_FAILURE,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

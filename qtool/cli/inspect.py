@@ -15,24 +15,41 @@ from qtool.cli.options import AllowPickle, JsonFlag, Revision, Source
 from qtool.errors import BadInputError
 from qtool.footprint import build_report
 from qtool.io import atomic_output, check_writable
-from qtool.output import jsonable, get_output
+from qtool.output import get_output, jsonable
 
 
 def inspect_cmd(
     src: Source,
     context: Annotated[
-        int | None, typer.Option("--context", min=1, help="Context length for the runtime estimate [default: model's, at most 4096].")
+        int | None,
+        typer.Option(
+            "--context",
+            min=1,
+            help="Context length for the runtime estimate [default: model's, at most 4096].",
+        ),
     ] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Sequences in flight.")] = 1,
     cache_dtype: Annotated[
-        str | None, typer.Option("--cache-dtype", help="KV-cache dtype: bf16, fp16, fp32, fp8, q8_0 [default: model's].")
+        str | None,
+        typer.Option(
+            "--cache-dtype", help="KV-cache dtype: bf16, fp16, fp32, fp8, q8_0 [default: model's]."
+        ),
     ] = None,
     gpu_mem: Annotated[
-        list[float] | None, typer.Option("--gpu-mem", help="GPU size in GiB to count GPUs for (repeatable) [default: 24, 40, 80].")
+        list[float] | None,
+        typer.Option(
+            "--gpu-mem",
+            help="GPU size in GiB to count GPUs for (repeatable) [default: 24, 40, 80].",
+        ),
     ] = None,
-    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1, help="LoRA rank for the training estimate.")] = 16,
+    lora_rank: Annotated[
+        int, typer.Option("--lora-rank", min=1, help="LoRA rank for the training estimate.")
+    ] = 16,
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="Also write the JSON report to this file (atomically).")
+        Path | None,
+        typer.Option(
+            "-o", "--output", help="Also write the JSON report to this file (atomically)."
+        ),
     ] = None,
     revision: Revision = None,
     allow_pickle: AllowPickle = False,
@@ -55,12 +72,16 @@ def inspect_cmd(
     ckpt = open_checkpoint(src, revision=revision, allow_pickle=allow_pickle, headers_only=True)
     try:
         report = build_report(
-            ckpt, context=context, batch=batch, cache_dtype=cache_dtype,
-            gpu_sizes=tuple(gpu_mem) if gpu_mem else (24, 40, 80), lora_rank=lora_rank,
-        )  # fmt: skip
+            ckpt,
+            context=context,
+            batch=batch,
+            cache_dtype=cache_dtype,
+            gpu_sizes=tuple(gpu_mem) if gpu_mem else (24, 40, 80),
+            lora_rank=lora_rank,
+        )
     except ValueError as e:
         raise BadInputError(str(e)) from e
-    data = report.as_dict()
+    data: dict[str, Any] = report.as_dict()
     if not data["model"]["gguf_export_supported"]:
         out.warn(
             f"architecture {data['model']['model_type']!r} is not supported for export; "
@@ -114,7 +135,8 @@ def render(console: Console, d: dict[str, Any]) -> None:
     gpus = [str(int(g)) if float(g).is_integer() else str(g) for g in rt["gpu_sizes_gib"]]
     t = Table(
         title=f"Memory footprint: context {rt['context']}, batch {rt['batch']}, "
-        f"KV cache {_size(rt['kv_cache'])} ({rt['cache_dtype']}), activations {_size(rt['activations'])}",
+        f"KV cache {_size(rt['kv_cache'])} ({rt['cache_dtype']}), "
+        f"activations {_size(rt['activations'])}",
         title_justify="left",
     )
     t.add_column("format")
@@ -124,11 +146,18 @@ def render(console: Console, d: dict[str, Any]) -> None:
     for g in gpus:
         t.add_column(f"{g} GiB GPUs", justify="right")
     for f, r in zip(d["formats"], rt["rows"], strict=True):
-        t.add_row(f["format"], _size(f["bytes"]), f"{f['bits_per_weight']:.3f}", _size(r["total"]),
-                  *[str(r["gpus"][k]) for k in r["gpus"]])  # fmt: skip
+        t.add_row(
+            f["format"],
+            _size(f["bytes"]),
+            f"{f['bits_per_weight']:.3f}",
+            _size(r["total"]),
+            *[str(r["gpus"][k]) for k in r["gpus"]],
+        )
     console.print(t)
 
-    tt = Table(title="Training (AdamW mixed precision, activation checkpointing)", title_justify="left")
+    tt = Table(
+        title="Training (AdamW mixed precision, activation checkpointing)", title_justify="left"
+    )
     tt.add_column("method")
     tt.add_column("memory", justify="right")
     for g in gpus:

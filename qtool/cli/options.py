@@ -21,6 +21,6 @@ AllowPickle = Annotated[
     bool,
     typer.Option(
         "--allow-pickle",
-        help="Allow pickle (.bin/.pt) checkpoints. Pickle can run arbitrary code: trusted sources only.",
+        help="Allow pickle (.bin/.pt) checkpoints: they can run code. Trusted sources only.",
     ),
 ]

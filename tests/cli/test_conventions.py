@@ -53,11 +53,16 @@ def test_unimplemented_commands_say_so(cli, cmd: str) -> None:
 
 def test_debug_env_shows_traceback(tmp_path: Path) -> None:
     env = {**os.environ, "QTOOL_DEBUG": "1"}
-    r = subprocess.run([sys.executable, "-m", "qtool", "inspect", str(tmp_path)],
-                       capture_output=True, text=True, env=env)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "qtool", "inspect", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode != 0 and "Traceback" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "qtool", "inspect", str(tmp_path)],
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "qtool", "inspect", str(tmp_path)], capture_output=True, text=True
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 

@@ -1,5 +1,24 @@
-"""Numeric hot paths: GGUF block codecs (imported as ``qtool.kernels``)."""
+"""Numeric hot paths: GGUF block codecs (imported as ``qtool.kernels``).
 
+``quantize(rows, qtype, imatrix)`` gives the exact bytes llama.cpp's ``ggml_quantize_chunk``
+writes for the type (with or without an importance matrix); ``dequantize`` inverts it like
+llama.cpp's ``to_float``. One codec class per type, in one file per family.
+"""
+
+from qtool.kernels.api import codec_for, dequantize, quantize
+from qtool.kernels.codec import Codec, CodecInputError
 from qtool.kernels.types import BY_ID, QK, QK_K, QUANT_TYPES, QuantType, get_type
 
-__all__ = ["BY_ID", "QK", "QK_K", "QUANT_TYPES", "QuantType", "get_type"]
+__all__ = [
+    "BY_ID",
+    "QK",
+    "QK_K",
+    "QUANT_TYPES",
+    "Codec",
+    "CodecInputError",
+    "QuantType",
+    "codec_for",
+    "dequantize",
+    "get_type",
+    "quantize",
+]

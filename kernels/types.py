@@ -58,7 +58,13 @@ _TABLE = [
     # 128 bytes of low nibbles + 64 bytes of high 2 bits + 16 int8 scales + d
     QuantType("Q6_K", 14, QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + _F16, "quantize_row_q6_K_ref"),
     # 48 bytes of base-3 packed trits (5 a byte) + 4 bytes (4 a byte) + d
-    QuantType("TQ1_0", 34, QK_K, (QK_K - 4 * QK_K // 64) // 5 + QK_K // 64 + _F16, "quantize_row_tq1_0_ref"),
+    QuantType(
+        "TQ1_0",
+        34,
+        QK_K,
+        (QK_K - 4 * QK_K // 64) // 5 + QK_K // 64 + _F16,
+        "quantize_row_tq1_0_ref",
+    ),
     # 64 bytes of 2-bit trits + d
     QuantType("TQ2_0", 35, QK_K, QK_K // 4 + _F16, "quantize_row_tq2_0_ref"),
 ]

@@ -44,6 +44,35 @@ ST_DTYPE_BYTES = {
 }
 
 
+def _torch_dtypes() -> dict[str, Any]:
+    import torch
+
+    return {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+
+
+class _LazyDtypes(dict):  # type: ignore[type-arg]
+    """safetensors dtype name -> torch dtype, filled on first use (torch imports slowly)."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if not self:
+            self.update(_torch_dtypes())
+        return super().get(key, default)
+
+
+ST_TORCH_DTYPES = _LazyDtypes()
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor as stored: name, shape (PyTorch order), dtype name, bytes, file and offset."""
@@ -86,14 +115,31 @@ class Checkpoint:
 
     def read(self, name: str) -> Any:
         """Read one tensor as a torch tensor (safetensors only; GGUF tensors go through the
-        codecs, which return float32 numpy arrays)."""
+        codecs, which return float32 numpy arrays).
+
+        The bytes are read with ``pread`` into a buffer of their own, not memory-mapped: a
+        mapped shard's pages stay resident once touched, so streaming a model through mmap
+        grows the process's memory with every layer read."""
         info = self.tensors[name]
         if self.format != "safetensors":
             raise UnsupportedError(f"reading raw tensors from {self.format} is done by the codecs")
-        from safetensors import safe_open
+        import torch
 
-        with safe_open(str(info.file), framework="pt") as f:
-            return f.get_tensor(name)
+        dtype = ST_TORCH_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise UnsupportedError(f"tensor {name}: dtype {info.dtype} is not supported")
+        buf = bytearray(info.nbytes)
+        with open(info.file, "rb", buffering=0) as f:
+            view = memoryview(buf)
+            done = 0
+            while done < info.nbytes:
+                n = os.preadv(f.fileno(), [view[done:]], info.offset + done)
+                if n == 0:
+                    raise CorruptFileError(f"{info.file}: truncated while reading {name}")
+                done += n
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
     def iter_tensors(self) -> Iterator[tuple[str, Any]]:
         """Yield (name, tensor) one at a time, one shard open at a time."""

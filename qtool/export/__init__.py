@@ -1,0 +1,1 @@
+"""GGUF export: HF checkpoint -> GGUF file llama.cpp loads, streamed tensor by tensor."""

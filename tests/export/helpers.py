@@ -1,0 +1,184 @@
+"""llama.cpp (through llama-cpp-python) as the reference for GGUF export tests."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from qtool.policy import PRESETS
+
+TINY_VOCAB = 1024
+
+
+def small_tokenizer(src: Path, dst: Path, n: int = TINY_VOCAB) -> None:
+    """SmolLM2's byte-level BPE cut to its first ``n`` ids: the same pre-tokenizer, every byte
+    symbol, and the merges that stay inside the cut. Its check-text ids change with the cut,
+    so exports name the pre-tokenizer (``--tokenizer-pre smollm``)."""
+    import json
+
+    data = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = {t: i for t, i in data["model"]["vocab"].items() if i < n}
+    merges = []
+    for m in data["model"]["merges"]:
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        if a in vocab and b in vocab and a + b in vocab:
+            merges.append(m)
+    data["model"]["vocab"], data["model"]["merges"] = vocab, merges
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < n]
+    (dst / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    shutil.copy(src / "tokenizer_config.json", dst / "tokenizer_config.json")
+
+
+def build_tiny(
+    path: Path, arch: str, tokenizer_dir: Path, *, full_vocab: bool = False, **overrides: object
+) -> Path:
+    """A random 2-layer model of ``arch`` with 256-multiple dims. Its tokenizer is SmolLM2's
+    (``full_vocab``: vocab 49152, recognised by hash) or a 1024-token cut of it (fast)."""
+    import torch
+    import transformers as tf
+
+    vocab = 49152 if full_vocab else TINY_VOCAB
+    common = dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    configs = {
+        "llama": lambda: tf.LlamaConfig(**common, tie_word_embeddings=False),
+        "qwen2": lambda: tf.Qwen2Config(**common, tie_word_embeddings=False),
+        "qwen3": lambda: tf.Qwen3Config(**common, head_dim=64, tie_word_embeddings=True),
+        "gemma3": lambda: tf.Gemma3TextConfig(
+            **common,
+            head_dim=64,
+            sliding_window=32,
+            query_pre_attn_scalar=64,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        "phi3": lambda: tf.Phi3Config(**common, pad_token_id=0, tie_word_embeddings=False),
+    }
+    cfg = configs[arch]()
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    with torch.no_grad():  # norms away from 1 so a missing +1 or permutation would show
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.copy_(torch.rand_like(p) * 0.5 + (0.0 if arch == "gemma3" else 0.75))
+    model.save_pretrained(path, safe_serialization=True)
+    if full_vocab:
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer_dir / f, path / f)
+    else:
+        small_tokenizer(tokenizer_dir, path)
+    return path
+
+
+def llama_quantize(
+    src: Path,
+    dst: Path,
+    preset: str,
+    *,
+    imatrix: dict[str, np.ndarray] | None = None,
+    pure: bool = False,
+    output_type: str | None = None,
+    token_embedding_type: str | None = None,
+    tensor_types: list[tuple[str, str]] | None = None,
+) -> None:
+    """llama.cpp's own quantizer (llama_model_quantize == llama-quantize), with an imatrix and
+    the same per-tensor options llama-quantize has."""
+    import llama_cpp
+    from qtool.kernels.types import get_type
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = PRESETS[preset][1]
+    p.nthread = 2
+    p.pure = pure
+    if output_type:
+        p.output_tensor_type = get_type(output_type).ggml_id
+    if token_embedding_type:
+        p.token_embedding_type = get_type(token_embedding_type).ggml_id
+    keep: list[object] = []
+    if imatrix:
+        arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(imatrix.items()):
+            buf = np.ascontiguousarray(values, dtype=np.float32)
+            keep += [buf, name.encode()]
+            arr[i].name = keep[-1]
+            arr[i].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[i].size = buf.size
+        arr[len(imatrix)].name = None
+        keep.append(arr)
+        p.imatrix = ctypes.cast(arr, type(p.imatrix))
+    if tensor_types:
+        ov = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, (pattern, qtype) in enumerate(tensor_types):
+            keep.append(pattern.encode())
+            ov[i].pattern = keep[-1]
+            ov[i].type = get_type(qtype).ggml_id
+        ov[len(tensor_types)].pattern = None
+        keep.append(ov)
+        p.tt_overrides = ctypes.cast(ov, type(p.tt_overrides))
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+    assert rc == 0, f"llama_model_quantize failed ({rc})"
+
+
+def gguf_tensors(path: Path) -> dict[str, tuple[str, bytes]]:
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in r.tensors}
+
+
+def compare_files(ref: Path, mine: Path) -> tuple[list[str], list[str]]:
+    """(tensors whose type differs, tensors whose bytes differ)."""
+    a, b = gguf_tensors(ref), gguf_tensors(mine)
+    assert set(a) == set(b), sorted(set(a) ^ set(b))
+    types = [f"{n}: llama.cpp {a[n][0]} vs qtool {b[n][0]}" for n in a if a[n][0] != b[n][0]]
+    data = [n for n in a if a[n][0] == b[n][0] and a[n][1] != b[n][1]]
+    return types, data
+
+
+def llama_logits(path: Path, ids: list[int]) -> np.ndarray:
+    from qtool.llamacpp import open_llama
+
+    llm = open_llama(path, n_ctx=max(512, len(ids)), logits_all=True, n_threads=2, n_batch=512)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def llama_tokenize(path: Path, text: str, add_bos: bool) -> list[int]:
+    from qtool.llamacpp import open_llama
+
+    llm = open_llama(path, vocab_only=True)
+    try:
+        return llm.tokenize(text.encode(), add_bos=add_bos, special=False)
+    finally:
+        llm.close()
+
+
+def write_imatrix(path: Path, imatrix: dict[str, np.ndarray]) -> None:
+    """An imatrix GGUF as llama-imatrix writes it: NAME.in_sum2 and NAME.counts (count 1)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "imatrix")
+    w.add_string("general.type", "imatrix")
+    for name, v in imatrix.items():
+        w.add_tensor(f"{name}.in_sum2", np.asarray(v, np.float32).reshape(1, -1))
+        w.add_tensor(f"{name}.counts", np.ones((1, 1), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

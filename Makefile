@@ -44,8 +44,9 @@ check: install
 	$(VENV)/bin/ruff format --check qtool kernels tests scripts
 	$(VENV)/bin/mypy
 
-bench: install
+bench: assets-gemma
 	$(PY) scripts/bench_codecs.py
+	$(PY) scripts/bench_export.py --gemma
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -121,6 +121,12 @@ class Checkpoint:
         mapped shard's pages stay resident once touched, so streaming a model through mmap
         grows the process's memory with every layer read."""
         info = self.tensors[name]
+        rows = info.shape[0] if info.shape else 1
+        return self.read_rows(name, 0, rows)
+
+    def read_rows(self, name: str, start: int, stop: int) -> Any:
+        """Rows ``start:stop`` of a tensor (its first dimension), read with ``pread``."""
+        info = self.tensors[name]
         if self.format != "safetensors":
             raise UnsupportedError(f"reading raw tensors from {self.format} is done by the codecs")
         import torch
@@ -128,18 +134,22 @@ class Checkpoint:
         dtype = ST_TORCH_DTYPES.get(info.dtype)
         if dtype is None:
             raise UnsupportedError(f"tensor {name}: dtype {info.dtype} is not supported")
-        buf = bytearray(info.nbytes)
+        shape = info.shape if info.shape else (1,)
+        row_bytes = info.nbytes // shape[0] if shape[0] else 0
+        nbytes = (stop - start) * row_bytes
+        out_shape = (stop - start, *shape[1:]) if info.shape else ()
+        if nbytes == 0:
+            return torch.empty(out_shape, dtype=dtype)
+        buf = bytearray(nbytes)
         with open(info.file, "rb", buffering=0) as f:
             view = memoryview(buf)
             done = 0
-            while done < info.nbytes:
-                n = os.preadv(f.fileno(), [view[done:]], info.offset + done)
+            while done < nbytes:
+                n = os.preadv(f.fileno(), [view[done:]], info.offset + start * row_bytes + done)
                 if n == 0:
                     raise CorruptFileError(f"{info.file}: truncated while reading {name}")
                 done += n
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+        return torch.frombuffer(buf, dtype=dtype).reshape(out_shape)
 
     def iter_tensors(self) -> Iterator[tuple[str, Any]]:
         """Yield (name, tensor) one at a time, one shard open at a time."""

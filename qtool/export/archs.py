@@ -86,6 +86,11 @@ class GGUFArch:
         """The shape ``transform`` gives, known before any data is read (for the plan)."""
         return shape
 
+    def rows_independent(self, hf_name: str) -> bool:
+        """Whether ``transform`` keeps each row as it is (at most dropping trailing rows), so
+        the tensor can stream in row chunks of the planned shape."""
+        return True
+
     def skip(self, hf_name: str) -> bool:
         """Tensors llama.cpp does not load (rotary caches, a duplicated tied lm_head)."""
         if hf_name.endswith("rotary_emb.inv_freq"):
@@ -110,6 +115,9 @@ class LlamaArch(GGUFArch):
             "num_attention_heads"
         )
         w.add_rope_dimension_count(int(head_dim))
+
+    def rows_independent(self, hf_name: str) -> bool:
+        return not hf_name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight"))
 
     def transform(self, hf_name: str, t: torch.Tensor) -> torch.Tensor:
         n_head = int(self.get("num_attention_heads"))
@@ -211,6 +219,9 @@ class Gemma3Arch(GGUFArch):
             if n is not None and n < shape[0]:
                 return (n, *shape[1:])
         return shape
+
+    def rows_independent(self, hf_name: str) -> bool:
+        return not hf_name.endswith("norm.weight")
 
     def transform(self, hf_name: str, t: torch.Tensor) -> torch.Tensor:
         if hf_name.endswith("embed_tokens.weight"):

@@ -11,7 +11,7 @@ import errno
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
+from gguf.gguf_writer import WriterState
 
 from qtool.arch import ModelSpec, gguf_name
 from qtool.checkpoint import Checkpoint
@@ -192,6 +193,10 @@ def export_gguf(
     return out_path.stat().st_size
 
 
+# Row chunks of about this many float32 bytes bound the memory a large tensor needs.
+CHUNK_BYTES = 32 * 2**20
+
+
 def _stream_tensors(
     ckpt: Checkpoint,
     plan: ExportPlan,
@@ -204,17 +209,49 @@ def _stream_tensors(
     with out.progress() as bar:
         task = bar.add_task("writing GGUF", total=plan.tensor_bytes)
         for e in plan.entries:
-            t = arch.transform(e.hf_name, ckpt.read(e.hf_name))
-            x = t.to(torch.float32).numpy()
-            del t
-            if not np.isfinite(x).all():
-                raise BadInputError(f"tensor {e.hf_name} contains NaN or Inf values")
             imat = imatrix.get(e.name) if get_type(e.qtype).block_size > 1 else None
-            data = encode(x, e.qtype, imat, e.name)
-            del x
-            if data.nbytes != e.nbytes:
-                raise AssertionError(f"{e.name}: encoded {data.nbytes} bytes, planned {e.nbytes}")
-            w.write_tensor_data(data)
-            del data
-            bar.advance(task, e.nbytes)
+            fout = _begin_tensor(w, e.nbytes)
+            written = 0
+            for x in _float_chunks(ckpt, arch, e):
+                data = encode(x, e.qtype, imat, e.name)
+                del x
+                fout.write(np.ascontiguousarray(data).data.cast("B"))
+                written += data.nbytes
+                bar.advance(task, data.nbytes)
+                del data
+            if written != e.nbytes:
+                raise AssertionError(f"{e.name}: encoded {written} bytes, planned {e.nbytes}")
+            w.write_padding(fout, e.nbytes)
     out.debug(f"streamed {len(plan.entries)} tensors in {time.monotonic() - start:.1f}s")
+
+
+def _float_chunks(ckpt: Checkpoint, arch: GGUFArch, e: PlanEntry) -> Iterator[np.ndarray]:
+    """The tensor as float32, whole or in row chunks of about CHUNK_BYTES."""
+    rows = e.shape[0]
+    row_elems = int(np.prod(e.shape[1:])) if len(e.shape) > 1 else 1
+    step = max(1, CHUNK_BYTES // (4 * row_elems))
+    if len(e.shape) == 1 or rows <= step or not arch.rows_independent(e.hf_name):
+        chunks: Iterable[torch.Tensor] = [arch.transform(e.hf_name, ckpt.read(e.hf_name))]
+    else:  # rows stream as stored; a transform here at most drops trailing rows (planned)
+        chunks = (ckpt.read_rows(e.hf_name, r, min(rows, r + step)) for r in range(0, rows, step))
+    for t in chunks:
+        x = t.to(torch.float32).numpy()
+        del t
+        if not np.isfinite(x).all():
+            raise BadInputError(f"tensor {e.hf_name} contains NaN or Inf values")
+        yield x
+
+
+def _begin_tensor(w: gguf.GGUFWriter, nbytes: int) -> Any:
+    """Start the next tensor's data in gguf-py's writer (what ``write_tensor_data`` does before
+    writing), so a tensor can be written in pieces; the caller pads after it."""
+    if w.state not in (WriterState.TI_DATA, WriterState.WEIGHTS) or w.fout is None:
+        raise AssertionError(f"GGUF writer in state {w.state}, expected tensor data")
+    fout = w.fout[0]
+    name = next(iter(w.tensors[0]))
+    info = w.tensors[0].pop(name)
+    if info.nbytes != nbytes:
+        raise AssertionError(f"{name}: writer expects {info.nbytes} bytes, plan has {nbytes}")
+    w.write_padding(fout, fout.tell())
+    w.state = WriterState.WEIGHTS
+    return fout

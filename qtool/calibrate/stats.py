@@ -1,0 +1,398 @@
+"""Streaming activation statistics, fed by forward hooks on linear layers.
+
+For every linear layer's **input** (per input channel ``j``, over all calibration tokens ``t``):
+
+- ``sum_sq[j] = Σ_t x[t, j]²`` and ``count`` (tokens): the importance matrix. ``sum_sq / count``
+  is what llama.cpp's ``llama-quantize --imatrix`` weighs each column by (tools/imatrix/
+  imatrix.cpp, ``collect_imatrix``: ``acc[j] += x[j] * x[j]``, ``counts += rows``);
+- ``absmax[j]``, ``min[j]``, ``max[j]``: for per-channel outlier detection (LLM.int8(),
+  SmoothQuant's ``max|X_j|``) and static (min/max) activation quantization;
+- a histogram of ``|x|`` over the whole tensor, for percentile and KL (entropy) clipping
+  (Migacz, "8-bit Inference with TensorRT", GTC 2017). It has a fixed number of bins over
+  ``[0, R]`` with ``R`` a power of two: when a larger value arrives, ``R`` doubles and pairs
+  of bins merge, which is exact (no re-binning error);
+- optionally the GPTQ Hessian ``Σ_t x xᵀ`` (Frantar et al. 2022; ``H = 2 X Xᵀ``), kept once per
+  distinct input (q/k/v share theirs).
+
+For the **output**: per-channel ``absmax`` and tensor ``min``/``max`` (static output ranges, e.g.
+the KV-cache scales from ``k_proj``/``v_proj``).
+
+Sums are accumulated in float64, the rest in float32, on the layer's device; only the current
+layer's accumulators live there (they move to the CPU when its layer is done).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qtool.errors import QToolError
+
+HIST_BINS = 2048
+_MIN_RANGE = 2.0**-24
+_BLOCK = 1 << 22  # elements per row block (16 MiB of float32)
+
+
+class NonFiniteError(QToolError):
+    """An activation was inf or nan (overflow in a low-precision forward, or broken weights)."""
+
+
+class InputAccumulator:
+    """Running statistics of one linear layer's input channels."""
+
+    def __init__(
+        self, in_features: int, device: torch.device, *, bins: int = HIST_BINS, hessian: bool
+    ) -> None:
+        self.in_features = in_features
+        self.count = 0
+        self.sum_sq = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.absmax = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.min = torch.full((in_features,), math.inf, dtype=torch.float32, device=device)
+        self.max = torch.full((in_features,), -math.inf, dtype=torch.float32, device=device)
+        self.hist = torch.zeros(bins, dtype=torch.int64, device=device)
+        self.hist_range = 0.0
+        self.hessian = (
+            torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+            if hessian
+            else None
+        )
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs ``x`` (``[..., in_features]``)."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        self.count += x.shape[0]
+        lo, hi = x.amin(0).float(), x.amax(0).float()
+        self.min = torch.minimum(self.min, lo)
+        self.max = torch.maximum(self.max, hi)
+        self.absmax = torch.maximum(self.max, -self.min)
+        peak = float(torch.maximum(hi.max(), -lo.min())) if x.numel() else 0.0
+        if not math.isfinite(peak):
+            raise NonFiniteError("non-finite activations (inf/nan)")
+        self._grow_hist(peak)
+        # Row blocks bound the float32 temporaries; partial sums are added in float64.
+        for rows in x.split(max(1, _BLOCK // max(1, x.shape[1]))):
+            r = rows.float()
+            self.sum_sq += r.square().sum(0).double()
+            if self.hessian is not None:
+                self.hessian += (r.T @ r).double()
+            self._hist_add(r.abs().flatten())
+
+    def _grow_hist(self, peak: float) -> None:
+        bins = self.hist.numel()
+        if self.hist_range == 0.0:
+            self.hist_range = (
+                max(_MIN_RANGE, 2.0 ** math.ceil(math.log2(peak))) if peak > 0 else _MIN_RANGE
+            )
+        while peak > self.hist_range:  # double the range: bin pairs merge exactly
+            merged = self.hist.view(bins // 2, 2).sum(1)
+            self.hist = torch.cat([merged, torch.zeros_like(merged)])
+            self.hist_range *= 2.0
+
+    def _hist_add(self, a: torch.Tensor) -> None:
+        # Exact integer counts (torch.histc counts in float32). |x| <= hist_range, so the index
+        # is at most `bins`: the value equal to the range joins the last bin.
+        bins = self.hist.numel()
+        idx = a.mul_(bins / self.hist_range).to(torch.int32)
+        if idx.is_cuda:
+            counts = torch.bincount(idx, minlength=bins + 1)
+        else:  # numpy's bincount is several times faster than torch's on the CPU
+            counts = torch.from_numpy(np.bincount(idx.numpy(), minlength=bins + 1))
+        counts = counts.to(torch.int64)
+        counts[bins - 1] += counts[bins]
+        self.hist += counts[:bins]
+
+    def result(self, name: str) -> LinearStats:
+        """The finished statistics, on the CPU."""
+        return LinearStats(
+            name=name,
+            in_features=self.in_features,
+            count=self.count,
+            sum_sq=self.sum_sq.cpu().numpy(),
+            absmax=self.absmax.cpu().numpy(),
+            min=self.min.cpu().numpy(),
+            max=self.max.cpu().numpy(),
+            hist=self.hist.cpu().numpy(),
+            hist_range=self.hist_range,
+            hessian=None if self.hessian is None else self.hessian.float().cpu().numpy(),
+        )
+
+
+class OutputAccumulator:
+    """Running per-channel absmax and tensor min/max of one linear layer's output."""
+
+    def __init__(self, out_features: int, device: torch.device) -> None:
+        self.absmax = torch.zeros(out_features, dtype=torch.float32, device=device)
+        self.min = math.inf
+        self.max = -math.inf
+
+    @torch.no_grad()
+    def update(self, y: torch.Tensor) -> None:
+        y = y.detach().reshape(-1, y.shape[-1]).float()
+        lo, hi = y.amin(0), y.amax(0)
+        self.absmax = torch.maximum(self.absmax, torch.maximum(hi, -lo))
+        self.min = min(self.min, float(lo.min()))
+        self.max = max(self.max, float(hi.max()))
+
+
+@dataclass
+class LinearStats:
+    """Finished statistics of one linear layer (HF module name, e.g.
+    ``model.layers.0.self_attn.q_proj``). Arrays are numpy, on the CPU."""
+
+    name: str
+    in_features: int
+    count: int
+    sum_sq: np.ndarray  # [in] float64
+    absmax: np.ndarray  # [in] float32
+    min: np.ndarray  # [in] float32
+    max: np.ndarray  # [in] float32
+    hist: np.ndarray  # [bins] int64, |x| over [0, hist_range]
+    hist_range: float
+    out_absmax: np.ndarray | None = None  # [out] float32
+    out_min: float | None = None
+    out_max: float | None = None
+    hessian: np.ndarray | None = None  # [in, in] float32, Σ x xᵀ (shared inputs: once)
+    shares_input_with: str | None = None  # the layer whose identical input was measured
+
+    @property
+    def importance(self) -> np.ndarray:
+        """Mean squared activation per input channel: llama-quantize's per-column weight."""
+        return self.sum_sq / max(1, self.count)
+
+    def percentile(self, p: float) -> float:
+        """The ``p``-th percentile (0-100) of ``|x|`` over the tensor, from the histogram."""
+        return percentile_from_hist(self.hist, self.hist_range, p)
+
+    def kl_threshold(self, levels: int = 128) -> float:
+        """The clipping threshold on ``|x|`` minimizing KL divergence to ``levels`` levels."""
+        return kl_threshold_from_hist(self.hist, self.hist_range, levels=levels)
+
+
+def percentile_from_hist(hist: np.ndarray, hist_range: float, p: float) -> float:
+    """Upper edge of the bin where the cumulative count reaches ``p`` percent, linearly
+    interpolated inside the bin."""
+    total = float(hist.sum())
+    if total == 0:
+        return 0.0
+    width = hist_range / hist.size
+    target = total * min(max(p, 0.0), 100.0) / 100.0
+    cdf = np.cumsum(hist, dtype=np.float64)
+    i = int(np.searchsorted(cdf, target, side="left"))
+    i = min(i, hist.size - 1)
+    below = cdf[i - 1] if i > 0 else 0.0
+    frac = (target - below) / hist[i] if hist[i] > 0 else 1.0
+    return float((i + min(max(frac, 0.0), 1.0)) * width)
+
+
+def kl_threshold_from_hist(
+    hist: np.ndarray, hist_range: float, *, levels: int = 128, stride: int = 1
+) -> float:
+    """TensorRT's entropy calibration (Migacz 2017): for each candidate threshold bin ``i``
+    the reference ``P`` is ``hist[:i]`` with the clipped tail folded into its last bin; ``Q``
+    quantizes ``hist[:i]`` to ``levels`` bins and spreads each back evenly over its non-empty
+    source bins; the threshold minimizes ``KL(P || Q)``."""
+    h = hist.astype(np.float64)
+    n = h.size
+    width = hist_range / n
+    if h.sum() == 0:
+        return 0.0
+    nz = np.nonzero(h)[0]
+    last = int(nz[-1]) + 1
+    if last <= levels:
+        return float(last * width)
+    best_kl, best_i = math.inf, n
+    for i in range(levels, last + 1, max(1, stride)):
+        p = h[:i].copy()
+        p[i - 1] += h[i:].sum()
+        src = h[:i]
+        q = np.zeros(i)
+        edges = np.linspace(0, i, levels + 1).round().astype(int)
+        for a, b in zip(edges[:-1], edges[1:], strict=True):
+            if b <= a:
+                continue
+            chunk = src[a:b]
+            used = chunk > 0
+            k = int(used.sum())
+            if k:
+                q[a:b][used] = chunk.sum() / k
+        mask = p > 0
+        if np.any(q[mask] == 0):
+            continue
+        pn, qn = p / p.sum(), q / q.sum()
+        kl = float(np.sum(pn[mask] * np.log(pn[mask] / qn[mask])))
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return float((best_i + 0.5) * width)
+
+
+# --------------------------------------------------------------------------------------------
+# hooks
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StatsCollector:
+    """Hooks on the linear layers of one module (a decoder layer, or the whole model), feeding
+    :class:`InputAccumulator`/:class:`OutputAccumulator`. Inputs that are the same tensor
+    object within one forward (q/k/v, gate/up) are measured once and shared.
+
+    Use: ``attach(module, prefix)``, run forwards calling ``end_batch()`` after each, then
+    ``detach()`` which returns the finished :class:`LinearStats` and frees the accumulators.
+    """
+
+    device: torch.device
+    hessian: bool = False
+    bins: int = HIST_BINS
+    outputs: bool = True
+    _inputs: dict[str, InputAccumulator] = field(default_factory=dict)
+    _outputs: dict[str, OutputAccumulator] = field(default_factory=dict)
+    _shared: dict[str, str] = field(default_factory=dict)
+    _seen: dict[int, tuple[torch.Tensor, str]] = field(default_factory=dict)
+    _handles: list[Any] = field(default_factory=list)
+
+    def attach(
+        self, module: nn.Module, prefix: str, include: Callable[[str], bool] | None = None
+    ) -> list[str]:
+        """Hook every ``nn.Linear`` under ``module``; names are ``prefix + submodule name``."""
+        names = []
+        for sub_name, sub in module.named_modules():
+            if not isinstance(sub, nn.Linear):
+                continue
+            name = f"{prefix}{sub_name}" if sub_name else prefix.rstrip(".")
+            if include is not None and not include(name):
+                continue
+            names.append(name)
+            self._handles.append(sub.register_forward_pre_hook(self._pre_hook(name, sub)))
+            if self.outputs:
+                self._handles.append(sub.register_forward_hook(self._post_hook(name, sub)))
+        return names
+
+    def _pre_hook(self, name: str, mod: nn.Linear) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            self.observe_input(name, args[0], mod.in_features)
+
+        return hook
+
+    def _post_hook(self, name: str, mod: nn.Linear) -> Callable[..., None]:
+        def hook(_m: nn.Module, _args: tuple[Any, ...], out: torch.Tensor) -> None:
+            self.observe_output(name, out, mod.out_features)
+
+        return hook
+
+    def observe_input(self, name: str, x: torch.Tensor, in_features: int) -> None:
+        """Record one input of layer ``name`` (also usable without hooks, e.g. the lm_head)."""
+        seen = self._seen.get(id(x))
+        if seen is not None and seen[0] is x and seen[1] != name:
+            owner = seen[1]
+            if name not in self._inputs:
+                self._inputs[name] = self._inputs[owner]
+                self._shared[name] = owner
+            if self._inputs[name] is self._inputs[owner]:
+                return
+        acc = self._inputs.get(name)
+        if acc is None:
+            acc = self._inputs[name] = InputAccumulator(
+                in_features, self.device, bins=self.bins, hessian=self.hessian
+            )
+        acc.update(x)
+        # Holding x keeps its id unique until end_batch(): no false sharing via a reused id.
+        self._seen[id(x)] = (x, name)
+
+    def observe_output(self, name: str, y: torch.Tensor, out_features: int) -> None:
+        acc = self._outputs.get(name)
+        if acc is None:
+            acc = self._outputs[name] = OutputAccumulator(out_features, self.device)
+        acc.update(y)
+
+    def end_batch(self) -> None:
+        """Forget the inputs of the last forward (call after each forward)."""
+        self._seen.clear()
+
+    def detach(self) -> dict[str, LinearStats]:
+        """Remove the hooks and return the finished statistics (accumulators are freed)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._seen.clear()
+        done: dict[int, LinearStats] = {}
+        out: dict[str, LinearStats] = {}
+        for name, acc in self._inputs.items():
+            first = done.get(id(acc))
+            st = acc.result(name)
+            if first is not None:
+                st.hessian = None  # kept once, on the layer that owns the shared input
+                st.shares_input_with = first.name
+            else:
+                done[id(acc)] = st
+            o = self._outputs.get(name)
+            if o is not None:
+                st.out_absmax = o.absmax.cpu().numpy()
+                st.out_min, st.out_max = o.min, o.max
+            out[name] = st
+        self._inputs.clear()
+        self._outputs.clear()
+        self._shared.clear()
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# summaries
+# --------------------------------------------------------------------------------------------
+
+
+def outlier_rows(
+    stats: Iterable[LinearStats], *, factor: float = 20.0, top: int = 10
+) -> list[dict[str, Any]]:
+    """The most outlier-heavy inputs: channels whose absmax is over ``factor`` times the
+    median channel absmax. One row per distinct input (q/k/v together), worst first, ranked by
+    ``max / median`` absmax."""
+    groups: dict[str, list[LinearStats]] = {}
+    for st in stats:
+        groups.setdefault(st.shares_input_with or st.name, []).append(st)
+    rows: list[dict[str, Any]] = []
+    for owner, members in groups.items():
+        st = next((m for m in members if m.name == owner), members[0])
+        med = float(np.median(st.absmax))
+        peak = float(st.absmax.max()) if st.absmax.size else 0.0
+        ratio = peak / med if med > 0 else math.inf if peak > 0 else 0.0
+        outliers = int((st.absmax > factor * med).sum()) if med > 0 else 0
+        rows.append(
+            {
+                "layer": _group_label([m.name for m in members]),
+                "layers": [m.name for m in members],
+                "in_features": st.in_features,
+                "max_absmax": peak,
+                "median_absmax": med,
+                "ratio": ratio,
+                "outlier_channels": outliers,
+                "top_channel": int(st.absmax.argmax()) if st.absmax.size else None,
+                "p99_9": st.percentile(99.9),
+            }
+        )
+    rows.sort(key=lambda r: (-float(r["ratio"]), str(r["layer"])))
+    return rows[:top]
+
+
+def _group_label(names: list[str]) -> str:
+    """``model.layers.3.self_attn.{q,k,v}_proj`` -> ``layers.3.self_attn.{q,k,v}_proj``."""
+    short = [n.removeprefix("model.") for n in names]
+    if len(short) == 1:
+        return short[0]
+    heads = {n.rsplit(".", 1)[0] for n in short}
+    if len(heads) != 1:
+        return ", ".join(short)
+    leaves = [n.rsplit(".", 1)[1] for n in short]
+    tail = os.path.commonprefix([x[::-1] for x in leaves])[::-1]
+    if tail and all(len(x) > len(tail) for x in leaves):
+        leaves = [x[: len(x) - len(tail)] for x in leaves]
+    else:
+        tail = ""
+    return f"{heads.pop()}.{{{','.join(leaves)}}}{tail}"

@@ -29,8 +29,14 @@ assets: install
 assets-gemma: install
 	$(PY) scripts/assets.py --gemma
 
+# The pipeline on SmolLM2-135M: inspect, quantize to Q4_K_M, evaluate against the base.
 demo: assets
+	@mkdir -p out
 	$(VENV)/bin/qtool inspect "$$($(PY) scripts/assets.py --path smollm2_hf)" --context 4096
+	$(VENV)/bin/qtool quantize "$$($(PY) scripts/assets.py --path smollm2_hf)" --method kquant \
+		--type Q4_K_M -o out/smollm2-q4km.gguf
+	$(VENV)/bin/qtool eval out/smollm2-q4km.gguf --base "$$($(PY) scripts/assets.py --path smollm2_hf)" \
+		--dataset canterbury:plrabn12.txt --ctx 256 --chunks 4
 
 # The default suite (CI runs this). Heavier checks: make test-slow.
 test: install
@@ -47,6 +53,7 @@ check: install
 bench: assets-gemma
 	$(PY) scripts/bench_codecs.py
 	$(PY) scripts/bench_export.py --gemma
+	$(PY) scripts/bench_eval.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -9,6 +9,7 @@ buffer types off there; results are the same, the plain CPU kernels compute them
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -44,13 +45,31 @@ def _model_params(extra_bufts: bool) -> Iterator[None]:
         llama_mod.llama_cpp.llama_model_default_params = original
 
 
+@contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """llama.cpp prints load messages from C on fd 2 even with verbose=False: hide them."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def open_llama(path: Path | str, *, extra_bufts: bool | None = None, **kwargs: Any) -> Any:
-    """``llama_cpp.Llama(model_path=path, **kwargs)`` with the AMX crash avoided.
+    """``llama_cpp.Llama(model_path=path, **kwargs)`` with the AMX crash avoided and
+    llama.cpp's C-level load messages kept off stderr.
 
     ``extra_bufts`` None means: on unless the CPU reports AMX."""
     from llama_cpp import Llama
 
     use = (not cpu_has_amx()) if extra_bufts is None else extra_bufts
     kwargs.setdefault("verbose", False)
-    with _model_params(use):
+    with _model_params(use), quiet_stderr():
         return Llama(model_path=str(path), **kwargs)

@@ -128,8 +128,11 @@ def check_under_cap(tmp_path: Path, assets, *, cap: int, **shape: int) -> None:
 
 
 def test_peak_rss_under_cap(tmp_path: Path, assets) -> None:
-    # 302M float32 parameters: 1.13 GiB of weights in 14 shards, a 1.0 GiB cap.
-    check_under_cap(tmp_path, assets, cap=GIB, hidden=1024, intermediate=4096, layers=12)
+    # 369M float32 parameters: 1.37 GiB of weights in 18 shards, a 1.25 GiB cap. Measured peak
+    # 0.71 GiB in a warm checkout, 1.02 GiB in a fresh clone (cold caches), whatever the depth.
+    check_under_cap(
+        tmp_path, assets, cap=int(1.25 * GIB), hidden=1024, intermediate=4096, layers=16
+    )
 
 
 @pytest.mark.slow

@@ -151,7 +151,7 @@ def test_gemma3_q4_k_m_decoded_vs_llama_cpp(cli, assets: Assets) -> None:
 @pytest.mark.slow
 def test_gemma3_header_reader(assets: Assets) -> None:
     from qtool.evaluate.gguf_header import read_gguf_header
-    from qtool.gguf_meta import read_gguf
+    from tests.gguf_reference import gguf_py_read as read_gguf
 
     assert assets.gemma3_gguf, "run `make assets-gemma`"
     assert read_gguf_header(assets.gemma3_gguf) == read_gguf(assets.gemma3_gguf)

@@ -154,7 +154,7 @@ def test_unpermute_inverts_llama_cpp_permute(n_head: int, n_kv: int) -> None:
 
 
 def test_fast_header_equals_gguf_py(assets: Assets) -> None:
-    from qtool.gguf_meta import read_gguf
+    from tests.gguf_reference import gguf_py_read as read_gguf
 
     meta, tensors = read_gguf_header(assets.smollm2_gguf)
     ref_meta, ref_tensors = read_gguf(assets.smollm2_gguf)

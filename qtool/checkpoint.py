@@ -11,7 +11,6 @@ import json
 import os
 import re
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,18 +149,6 @@ class Checkpoint:
                     raise CorruptFileError(f"{info.file}: truncated while reading {name}")
                 done += n
         return torch.frombuffer(buf, dtype=dtype).reshape(out_shape)
-
-    def iter_tensors(self) -> Iterator[tuple[str, Any]]:
-        """Yield (name, tensor) one at a time, one shard open at a time."""
-        from safetensors import safe_open
-
-        by_file: dict[Path, list[str]] = {}
-        for info in self.tensors.values():
-            by_file.setdefault(info.file, []).append(info.name)
-        for path, names in by_file.items():
-            with safe_open(str(path), framework="pt") as f:
-                for name in names:
-                    yield name, f.get_tensor(name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -187,16 +187,20 @@ def run_eval(s: EvalSettings) -> dict[str, Any]:
     base_hf_cfg = hf_config(base_ckpt)
     with out.progress() as bar:
         task = bar.add_task("loading models", total=1 + len(art_ckpts))
-        base = load_model(
-            base_ckpt,
-            role="base",
-            dtype=dtype,
-            device=device,
-            backend=s.backend,
-            ctx=s.ctx,
-            base_hf_config=base_hf_cfg,
-            threads=s.threads,
-        )
+
+        def load(ckpt: Checkpoint, role: str) -> EvalModel:
+            return load_model(
+                ckpt,
+                role=role,
+                dtype=dtype,
+                device=device,
+                backend=s.backend,
+                ctx=s.ctx,
+                base_hf_config=base_hf_cfg,
+                threads=s.threads,
+            )
+
+        base = load(base_ckpt, "base")
         bar.advance(task)
         models: list[EvalModel] = []
         for ckpt in art_ckpts:
@@ -207,18 +211,7 @@ def run_eval(s: EvalSettings) -> dict[str, Any]:
             if twin is not None:
                 models.append(twin)
             else:
-                models.append(
-                    load_model(
-                        ckpt,
-                        role="artifact",
-                        dtype=dtype,
-                        device=device,
-                        backend=s.backend,
-                        ctx=s.ctx,
-                        base_hf_config=base_hf_cfg,
-                        threads=s.threads,
-                    )
-                )
+                models.append(load(ckpt, "artifact"))
             bar.advance(task)
     for m in models:
         if m.vocab != base.vocab:

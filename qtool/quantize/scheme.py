@@ -1,0 +1,266 @@
+"""Integer weight quantization primitives: a scheme, its parameters, codes, dequantization.
+
+The primitives are separate on purpose (choose parameters -> integer codes -> pack -> decode):
+GPTQ reuses :func:`fit_params` and :func:`quantize_codes` column block by column block, the
+writers only pack :class:`QuantizedWeight`, and eval runs on :meth:`QuantizedWeight.dequantize`.
+
+Conventions (the ones GPTQ checkpoints and compressed-tensors share):
+
+- codes are **unsigned**, ``q = clamp(round(w / s) + z, 0, 2^b - 1)`` and ``w ~ (q - z) * s``;
+- symmetric: ``z = 2^(b-1)``. "full" range uses ``s = absmax / ((2^b - 1) / 2)`` and every code
+  (the GPTQ reference ``Quantizer`` and compressed-tensors' ``calculate_qparams``); "restricted"
+  uses ``s = absmax / (2^(b-1) - 1)`` and leaves code 0 unused, so the grid is symmetric
+  (±(2^(b-1) - 1), as in LLM.int8() / SmoothQuant);
+- asymmetric: the range always contains 0 (``min <= 0 <= max``) so that 0 is exact,
+  ``s = (max - min) / (2^b - 1)``, ``z = round(-min / s)``;
+- ``round`` is round-half-to-even (``torch.round``), as everywhere in torch;
+- scales are rounded to ``scale_dtype`` (float16 by default: what the GPTQ format stores) before
+  the codes are computed, so a writer storing them loses nothing and every consumer decodes the
+  same weights qtool evaluates;
+- a group whose range is 0 (all zeros) gets scale 1 and decodes to exact zeros.
+
+Granularity: ``tensor`` (one scale), ``channel`` (one per output row), ``group`` (one per output
+row and ``group_size`` consecutive input columns, or per ``g_idx`` under act-order).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from qtool.errors import BadInputError
+
+Granularity = Literal["tensor", "channel", "group"]
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Clip:
+    """How the quantization range is chosen: ``none`` (min/max), ``percentile`` (the P-th
+    percentile of |w|, or the (100-P)-th/P-th of w when asymmetric), ``mse`` (grid search of a
+    shrink factor minimising the squared error), ``kl`` (grid search minimising the KL divergence
+    between the float and the quantized value histograms)."""
+
+    method: Literal["none", "percentile", "mse", "kl"] = "none"
+    percentile: float = 100.0
+    grid: int = 100  # candidate shrink factors 1, 1 - 1/grid, ... (GPTQ's Quantizer: grid=100)
+    max_shrink: float = 0.8  # down to 1 - max_shrink (GPTQ's Quantizer: maxshrink=0.8)
+
+    @classmethod
+    def parse(cls, spec: str) -> Clip:
+        """``none``, ``percentile:P`` (0 < P <= 100), ``mse`` or ``kl``."""
+        s = spec.strip().lower()
+        if s in ("none", "mse", "kl"):
+            return cls(method=s)  # type: ignore[arg-type]
+        if s.startswith("percentile:"):
+            try:
+                p = float(s.split(":", 1)[1])
+            except ValueError:
+                p = float("nan")
+            if not 0.0 < p <= 100.0:
+                raise BadInputError(
+                    f"--clip {spec}: the percentile must be in (0, 100]",
+                    hint="e.g. --clip percentile:99.9",
+                )
+            return cls(method="percentile", percentile=p)
+        raise BadInputError(
+            f"--clip {spec}: unknown clipping", hint="use none, percentile:P, mse or kl"
+        )
+
+    def __str__(self) -> str:
+        return f"percentile:{self.percentile:g}" if self.method == "percentile" else self.method
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """An integer weight format: bits, symmetry, range, granularity, clipping."""
+
+    bits: int = 4
+    sym: bool = True
+    granularity: Granularity = "group"
+    group_size: int = 128
+    restricted: bool = False  # symmetric only: use ±(2^(b-1)-1) and leave code 0 unused
+    clip: Clip = field(default_factory=Clip)
+    scale_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise BadInputError(f"--bits {self.bits}: must be between 2 and 8")
+        if self.granularity not in ("tensor", "channel", "group"):
+            raise BadInputError(
+                f"granularity {self.granularity!r}: use tensor, channel or group"
+            )
+        if self.granularity == "group" and self.group_size < 1:
+            raise BadInputError(
+                f"--group-size {self.group_size}: must be positive",
+                hint="use -1 or --granularity channel for one scale per output channel",
+            )
+        if self.restricted and not self.sym:
+            raise BadInputError("a restricted range applies to symmetric quantization only")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise BadInputError(f"scale dtype {self.scale_dtype}: use {', '.join(SCALE_DTYPES)}")
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def groups(self, in_features: int) -> int:
+        """Scales per output row for a weight with ``in_features`` columns."""
+        if self.granularity != "group":
+            return 1
+        return math.ceil(in_features / self.group_size)
+
+    def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        """A group must divide the columns: a ragged last group is refused (neither the GPTQ
+        kernels nor compressed-tensors' packers accept one)."""
+        if len(shape) != 2:
+            raise BadInputError(f"{name}: shape {shape} is not a 2-D weight")
+        if self.granularity == "group" and shape[1] % self.group_size:
+            raise BadInputError(
+                f"{name}: --group-size {self.group_size} does not divide its {shape[1]} "
+                "input columns",
+                hint="choose a divisor of every quantized layer's input size, or "
+                "--granularity channel; qtool does not pad groups",
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["clip"] = str(self.clip)
+        return d
+
+
+@dataclass
+class QuantizedWeight:
+    """One quantized ``nn.Linear`` weight ``[out, in]``.
+
+    ``codes``: uint8 ``[out, in]`` unsigned codes; ``scale``: float32 ``[out, groups]`` (values
+    exactly representable in the scheme's ``scale_dtype``); ``zero``: int32 ``[out, groups]``;
+    ``g_idx``: int32 ``[in]``, the group of each input column (``None`` means ``c // group_size``,
+    or 0 for tensor/channel granularity). Tensor granularity repeats one scale on every row."""
+
+    name: str
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    scheme: QuantScheme
+    g_idx: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.codes.shape[0]), int(self.codes.shape[1]))
+
+    def group_index(self) -> torch.Tensor:
+        """``g_idx`` if set (act-order), else the natural grouping."""
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        cols = torch.arange(self.shape[1])
+        if self.scheme.granularity != "group":
+            return torch.zeros_like(cols)
+        return cols // self.scheme.group_size
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        g = self.group_index()
+        s = self.scale[:, g]
+        z = self.zero[:, g].to(torch.float32)
+        return ((self.codes.to(torch.float32) - z) * s).to(dtype)
+
+
+def _round_scale(scale: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    s = scale.to(SCALE_DTYPES[scheme.scale_dtype]).to(torch.float32)
+    # A scale that underflows the storage type would decode everything to 0: use the
+    # smallest normal value instead (the codes then saturate, which is the best available).
+    tiny = torch.finfo(SCALE_DTYPES[scheme.scale_dtype]).tiny
+    return torch.where((s == 0) & (scale > 0), torch.full_like(s, tiny), s)
+
+
+def params_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32, rounded to ``scale_dtype``) and zero (int32) for ranges ``[lo, hi]``
+    (one per row). Symmetric schemes use ``max(|lo|, |hi|)``."""
+    lo = torch.minimum(lo.to(torch.float32), torch.zeros_like(lo, dtype=torch.float32))
+    hi = torch.maximum(hi.to(torch.float32), torch.zeros_like(hi, dtype=torch.float32))
+    if scheme.sym:
+        amax = torch.maximum(-lo, hi)
+        half = (1 << (scheme.bits - 1)) - 1 if scheme.restricted else scheme.maxq / 2
+        scale = amax / half
+        empty = amax == 0
+        scale = _round_scale(torch.where(empty, torch.ones_like(scale), scale), scheme)
+        zero = torch.full_like(scale, 1 << (scheme.bits - 1), dtype=torch.int32)
+        return scale, zero
+    scale = (hi - lo) / scheme.maxq
+    empty = scale == 0
+    scale = _round_scale(torch.where(empty, torch.ones_like(scale), scale), scheme)
+    zero = torch.clamp(torch.round(-lo / scale), 0, scheme.maxq).to(torch.int32)
+    return scale, zero
+
+
+def quantize_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme
+) -> torch.Tensor:
+    """Codes of ``w`` ``[rows, n]`` with per-row ``scale``/``zero`` ``[rows]`` or ``[rows, 1]``
+    (or broadcastable ``[rows, n]``)."""
+    if scale.dim() == 1:
+        scale, zero = scale[:, None], zero[:, None]
+    lo = 1 if scheme.sym and scheme.restricted else 0
+    q = torch.round(w.to(torch.float32) / scale) + zero.to(torch.float32)
+    return torch.clamp(q, lo, scheme.maxq).to(torch.uint8)
+
+
+def fake_quantize(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme
+) -> torch.Tensor:
+    """``dequantize(quantize(w))`` in float32, per-row parameters as in :func:`quantize_codes`."""
+    if scale.dim() == 1:
+        scale, zero = scale[:, None], zero[:, None]
+    q = quantize_codes(w, scale, zero, scheme).to(torch.float32)
+    return (q - zero.to(torch.float32)) * scale
+
+
+def fit_params(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for each row of ``w`` ``[rows, n]``, with the scheme's clipping."""
+    from qtool.quantize.clip import fit_range
+
+    lo, hi = fit_range(w.to(torch.float32), scheme)
+    return params_from_range(lo, hi, scheme)
+
+
+def _as_rows(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """The rows each parameter set covers: the whole tensor, each output row, or each group."""
+    out, cols = w.shape
+    if scheme.granularity == "tensor":
+        return w.reshape(1, -1)
+    if scheme.granularity == "channel":
+        return w
+    return w.reshape(out * (cols // scheme.group_size), scheme.group_size)
+
+
+def quantize_weight(
+    name: str, w: torch.Tensor, scheme: QuantScheme, *, chunk_rows: int = 4096
+) -> QuantizedWeight:
+    """Round-to-nearest quantization of a ``[out, in]`` weight under ``scheme``."""
+    scheme.check_shape(name, tuple(w.shape))
+    w = w.detach().to(torch.float32)
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise BadInputError(
+            f"{name}: {bad} weight(s) are NaN or infinite", hint="the checkpoint is damaged"
+        )
+    out, cols = w.shape
+    rows = _as_rows(w, scheme)
+    scales, zeros, codes = [], [], []
+    for part in rows.split(chunk_rows):  # bounds the clip search's memory
+        s, z = fit_params(part, scheme)
+        scales.append(s)
+        zeros.append(z)
+        codes.append(quantize_codes(part, s, z, scheme))
+    scale, zero = torch.cat(scales), torch.cat(zeros)
+    code = torch.cat(codes).reshape(out, cols)
+    if scheme.granularity == "tensor":
+        scale, zero = scale.expand(out).reshape(out, 1), zero.expand(out).reshape(out, 1)
+    else:
+        scale, zero = scale.reshape(out, -1), zero.reshape(out, -1)
+    return QuantizedWeight(name, code, scale.contiguous(), zero.contiguous(), scheme)

@@ -249,6 +249,57 @@ class _Stub(nn.Module):
         return hidden_states
 
 
+LayerArgs = dict[int, list[tuple[tuple[Any, ...], dict[str, Any]]]]
+
+
+def embedding_pass(
+    model: nn.Module,
+    parts: _Parts,
+    loader: WeightLoader,
+    batches: list[torch.Tensor],
+    device: torch.device,
+    cache_dev: torch.device,
+    progress: Progress,
+) -> tuple[list[torch.Tensor], LayerArgs]:
+    """Run the model's own forward with every decoder layer stubbed: returns the hidden states
+    entering layer 0 (one tensor per batch, on ``cache_dev``) and, per batch size, the extra
+    arguments the model passes each layer (masks, rotary embeddings...)."""
+    loader.load(parts.embed, parts.embed_name + ".")
+    hidden: list[torch.Tensor] = []
+    layer_args: LayerArgs = {}
+    recording: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    n_layers = len(parts.layers)
+
+    def sink(i: int, h: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if i == 0:
+            hidden.append(h.detach().to(cache_dev))
+        recording.append((args, kwargs))
+
+    real = list(parts.layers)
+    for i, layer in enumerate(real):
+        parts.layers[i] = _Stub(layer, i, sink, last=i == n_layers - 1)
+    try:
+        with torch.no_grad():
+            for b in batches:
+                recording.clear()
+                try:
+                    parts.base(input_ids=b.to(device), use_cache=False)
+                except _Stop:
+                    pass
+                if len(recording) != n_layers:
+                    raise QToolError(
+                        f"{type(model).__name__}: the embedding pass reached "
+                        f"{len(recording)} of {n_layers} layers"
+                    )
+                layer_args.setdefault(b.shape[0], list(recording))
+                progress.batch()
+    finally:
+        for i, layer in enumerate(real):
+            parts.layers[i] = layer
+    WeightLoader.unload(parts.embed)
+    return hidden, layer_args
+
+
 def calibrate_layerwise(
     ckpt: Checkpoint,
     ids: torch.Tensor,
@@ -284,38 +335,8 @@ def calibrate_layerwise(
     # -- 1. embeddings: the model's own forward, layers stubbed ---------------------------------
     s0 = time.perf_counter()
     progress.stage("embeddings", 0, total, len(batches))
-    loader.load(parts.embed, parts.embed_name + ".")
-    hidden: list[torch.Tensor] = []
-    layer_args: dict[int, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {}
-    recording: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-
-    def sink(i: int, h: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if i == 0:
-            hidden.append(h.detach().to(cache_dev))
-        recording.append((args, kwargs))
-
+    hidden, layer_args = embedding_pass(model, parts, loader, batches, device, cache_dev, progress)
     real = list(parts.layers)
-    for i, layer in enumerate(real):
-        parts.layers[i] = _Stub(layer, i, sink, last=i == n_layers - 1)
-    try:
-        with torch.no_grad():
-            for b in batches:
-                recording.clear()
-                try:
-                    parts.base(input_ids=b.to(device), use_cache=False)
-                except _Stop:
-                    pass
-                if len(recording) != n_layers:
-                    raise QToolError(
-                        f"{type(model).__name__}: the embedding pass reached "
-                        f"{len(recording)} of {n_layers} layers"
-                    )
-                layer_args.setdefault(b.shape[0], list(recording))
-                progress.batch()
-    finally:
-        for i, layer in enumerate(real):
-            parts.layers[i] = layer
-    WeightLoader.unload(parts.embed)
     stage_s["embeddings"] = time.perf_counter() - s0
     progress.stage_done("embeddings", stage_s["embeddings"])
 

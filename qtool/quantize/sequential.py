@@ -1,0 +1,553 @@
+"""GPTQ over a whole model: one decoder layer in memory at a time, the quantized outputs of
+layer ``i`` feeding layer ``i + 1``, and a checkpoint after every layer (``--resume``).
+
+Within a layer the linear modules are grouped by the input they read (found by running the
+layer once: q/k/v share one input, gate/up another, in the order the forward calls them). With
+*true-sequential* quantization each group's Hessian is collected with the earlier groups already
+quantized (AutoGPTQ ``true_sequential``); otherwise all groups see the float layer.
+
+A pass over the calibration samples collects one group's inputs and stops the forward there
+(an exception from the first hook of the group), so nothing after it runs. Modules whose
+linears are all quantized are *frozen*: their outputs cannot change any more, so the outermost
+ones record their outputs the first time they run and return them in the later passes instead
+of recomputing (the attention block runs once with its quantized q/k/v, for example). Every
+linear and the attention thus run once per layer; only norms and the like repeat. The final
+pass computes the layer's output, which becomes the next layer's input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qtool import __version__
+from qtool.calibrate.layerwise import (
+    LayerArgs,
+    Progress,
+    WeightLoader,
+    _parts,
+    build_skeleton,
+    embedding_pass,
+    pick_device,
+)
+from qtool.calibrate.statsfile import model_identity
+from qtool.checkpoint import Checkpoint
+from qtool.errors import BadInputError, OutputError, QToolError
+from qtool.quantize.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
+from qtool.quantize.scheme import QuantizedWeight, QuantScheme, quantize_weight
+
+STATE = "state.json"
+WORK_VERSION = 1
+
+
+class _StopLayer(Exception):
+    """Raised by a hook once the inputs a pass collects have been seen."""
+
+
+@dataclass
+class SequentialOptions:
+    """What the layer-by-layer GPTQ run needs besides the model and the samples."""
+
+    scheme: QuantScheme
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    true_sequential: bool = True
+    batch_size: int = 1
+    device: str = "auto"
+    cache_outputs: bool = True  # reuse frozen modules' outputs (off only to test that it is exact)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scheme": self.scheme.to_json(),
+            "gptq": self.gptq.to_json(),
+            "true_sequential": self.true_sequential,
+            "batch_size": self.batch_size,
+        }
+
+
+@dataclass
+class LinearReport:
+    """How well one linear was reconstructed on its calibration inputs: ``||(W - Q) X|| /
+    ||W X||`` for GPTQ and for plain RTN of the same scheme (computed from the Hessian)."""
+
+    name: str
+    gptq_rel_error: float
+    rtn_rel_error: float
+    damp: float
+    input_absmax: float
+
+
+# -- the resume directory -------------------------------------------------------------------------
+
+
+class WorkDir:
+    """Per-layer results, the hidden states entering the next layer, and ``state.json`` naming
+    the run (model, samples, options) and how many layers are done. Every file is written to a
+    temporary name and renamed; ``state.json`` goes last, so a run killed at any moment leaves a
+    consistent directory."""
+
+    def __init__(self, path: Path, run: dict[str, Any]) -> None:
+        self.path = path
+        self.run = run
+        self.layers_done = 0
+        self.reports: list[dict[str, Any]] = []
+
+    @classmethod
+    def open(cls, path: Path, run: dict[str, Any], *, resume: bool) -> WorkDir:
+        work = cls(path, run)
+        state_file = path / STATE
+        if not state_file.exists():
+            if path.exists() and any(path.iterdir()):
+                raise BadInputError(
+                    f"{path}: not an empty directory and not a qtool GPTQ run",
+                    hint="pass an empty or new directory to --resume",
+                )
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OutputError(f"{path}: cannot create the work directory ({e.strerror})") from e
+            return work
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError) as e:
+            raise BadInputError(
+                f"{state_file}: unreadable ({e})", hint="delete the directory"
+            ) from e
+        if not resume:
+            raise BadInputError(
+                f"{path} holds an interrupted GPTQ run ({state.get('layers_done', 0)} layers done)",
+                hint=f"continue it with --resume {path}, or delete the directory",
+            )
+        diff = _diff(state.get("run", {}), run)
+        if diff:
+            raise BadInputError(
+                f"--resume {path}: that directory is from another run (differs in {diff})",
+                hint="rerun with the options of the interrupted run, or use a new directory",
+            )
+        work.layers_done = int(state["layers_done"])
+        work.reports = list(state.get("reports", []))
+        return work
+
+    def layer_file(self, i: int) -> Path:
+        return self.path / f"layer_{i:04d}.safetensors"
+
+    def hidden_file(self, i: int) -> Path:
+        return self.path / f"hidden_{i:04d}.safetensors"
+
+    def save_layer(
+        self,
+        i: int,
+        weights: list[QuantizedWeight],
+        hidden: list[torch.Tensor],
+        reports: list[LinearReport],
+    ) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for w in weights:
+            tensors[f"{w.name}.codes"] = w.codes.contiguous()
+            tensors[f"{w.name}.scale"] = w.scale.contiguous()
+            tensors[f"{w.name}.zero"] = w.zero.contiguous()
+            if w.g_idx is not None:
+                tensors[f"{w.name}.g_idx"] = w.g_idx.contiguous()
+        _atomic_save(tensors, self.layer_file(i))
+        _atomic_save(
+            {f"h{j}": h.detach().to("cpu").contiguous() for j, h in enumerate(hidden)},
+            self.hidden_file(i + 1),
+        )
+        self.layers_done = i + 1
+        self.reports.extend(r.__dict__ for r in reports)
+        state = {
+            "version": WORK_VERSION,
+            "run": self.run,
+            "layers_done": self.layers_done,
+            "reports": self.reports,
+        }
+        _atomic_write(self.path / STATE, json.dumps(state, indent=1).encode())
+        old = self.hidden_file(i)
+        if old.exists():
+            old.unlink()
+
+    def load_hidden(self, device: torch.device) -> list[torch.Tensor]:
+        data = load_file(str(self.hidden_file(self.layers_done)))
+        return [data[f"h{j}"].to(device) for j in range(len(data))]
+
+    def weights(
+        self, n_layers: int, scheme: QuantScheme
+    ) -> dict[str, Callable[[], QuantizedWeight]]:
+        """Lazy loaders of every quantized weight, by module name."""
+        from safetensors import safe_open
+
+        out: dict[str, Callable[[], QuantizedWeight]] = {}
+        for i in range(n_layers):
+            path = self.layer_file(i)
+            with safe_open(str(path), "pt") as f:
+                names = sorted({k.rsplit(".", 1)[0] for k in f.keys()})  # noqa: SIM118
+            for name in names:
+                out[name] = _loader(path, name, scheme)
+        return out
+
+
+def _loader(path: Path, name: str, scheme: QuantScheme) -> Callable[[], QuantizedWeight]:
+    def load() -> QuantizedWeight:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+            g = f.get_tensor(f"{name}.g_idx") if f"{name}.g_idx" in keys else None
+            return QuantizedWeight(
+                name,
+                f.get_tensor(f"{name}.codes"),
+                f.get_tensor(f"{name}.scale"),
+                f.get_tensor(f"{name}.zero"),
+                scheme,
+                g_idx=g,
+            )
+
+    return load
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write the GPTQ checkpoint ({e.strerror})") from e
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write ({e.strerror})") from e
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str:
+    keys = sorted(set(a) | set(b))
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            d = _diff(va, vb, f"{prefix}{k}.")
+            if d:
+                return d
+        elif va != vb:
+            return f"{prefix}{k}: {va} -> {vb}"
+    return ""
+
+
+def run_identity(ckpt: Checkpoint, ids: torch.Tensor, opts: SequentialOptions) -> dict[str, Any]:
+    """What makes two runs the same run: model, samples, options, qtool version."""
+    ids32 = ids.to(torch.int32).contiguous().numpy().tobytes()
+    return {
+        "model": model_identity(ckpt),
+        "samples": {
+            "shape": list(ids.shape),
+            "tokens_sha256": hashlib.sha256(ids32).hexdigest(),
+        },
+        "options": opts.to_json(),
+        "qtool_version": __version__,
+    }
+
+
+# -- one layer -------------------------------------------------------------------------------------
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    return obj
+
+
+def discover_groups(
+    layer: nn.Module, linears: dict[str, nn.Linear], run_once: Callable[[], Any]
+) -> list[list[str]]:
+    """The linears of ``layer`` grouped by the input tensor they read, in call order."""
+    seen: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps their identity unique
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, a, n=n: seen.append((n, a[0])))
+        for n, m in linears.items()
+    ]
+    try:
+        with torch.no_grad():
+            run_once()
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for name, x in seen:
+        for inp, members in groups:
+            if inp is x:
+                if name not in members:
+                    members.append(name)
+                break
+        else:
+            if not any(name in m for _, m in groups):
+                groups.append((x, [name]))
+    missing = set(linears) - {n for _, m in groups for n in m}
+    if missing:
+        raise QToolError(f"linear layers never called by the forward: {sorted(missing)}")
+    return [m for _, m in groups]
+
+
+class _LayerPasses:
+    """Runs one decoder layer over every batch, with input-collecting hooks, an early stop and
+    the frozen-module output cache described in the module docstring."""
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        linears: dict[str, nn.Linear],
+        hidden: list[torch.Tensor],
+        args: list[tuple[tuple[Any, ...], dict[str, Any]]],
+        device: torch.device,
+        cache_outputs: bool,
+    ) -> None:
+        self.layer = layer
+        self.linears = linears
+        self.hidden = hidden
+        self.args = args
+        self.device = device
+        self.cache_outputs = cache_outputs
+        self.cache: dict[str, list[Any]] = {}
+        self.modules = {n: m for n, m in layer.named_modules() if n}
+        self.lin_under = {
+            n: {ln for ln in linears if ln == n or ln.startswith(n + ".")} for n in self.modules
+        }
+
+    def _frozen(self, quantized: set[str]) -> list[str]:
+        return [n for n, lins in self.lin_under.items() if lins and lins <= quantized]
+
+    def run(
+        self,
+        quantized: set[str],
+        collect: dict[str, HessianAccumulator] | None,
+        on_batch: Callable[[], None],
+    ) -> list[torch.Tensor] | None:
+        """One pass. ``collect`` maps the first linear of each group to collect to its
+        accumulator (the pass stops once all have been seen); ``None``: the full forward, whose
+        outputs are returned."""
+        frozen = set(self._frozen(quantized)) if self.cache_outputs else set()
+        maximal = {n for n in frozen if "." not in n or n.rsplit(".", 1)[0] not in frozen}
+        record = {n: [] for n in maximal if n not in self.cache}
+        j_now = [0]
+        patched, hooks = [], []
+        for n in frozen:
+            if n in self.cache:
+                entries = self.cache[n]
+                mod = self.modules[n]
+                object.__setattr__(mod, "forward", lambda *a, _e=entries, **k: _e[j_now[0]])
+                patched.append(mod)
+        for n, store in record.items():
+            hooks.append(
+                self.modules[n].register_forward_hook(
+                    lambda _m, _a, out, _s=store: _s.append(_to(out, self.device))
+                )
+            )
+        pending: set[str] = set()
+        if collect is not None:
+            for lname, acc in collect.items():
+
+                def pre(_m: nn.Module, a: tuple[Any, ...], _n: str = lname, _acc=acc) -> None:
+                    _acc.add(a[0])
+                    pending.discard(_n)
+                    if not pending:
+                        raise _StopLayer
+
+                hooks.append(self.linears[lname].register_forward_pre_hook(pre))
+        outputs: list[torch.Tensor] = []
+        try:
+            with torch.no_grad():
+                for j, h in enumerate(self.hidden):
+                    j_now[0] = j
+                    pending.clear()
+                    pending.update(collect or ())
+                    args, kwargs = self.args[j]
+                    try:
+                        out = self.layer(h.to(self.device), *args, **kwargs)
+                    except _StopLayer:
+                        on_batch()
+                        continue
+                    if collect is not None:
+                        raise QToolError("a GPTQ pass ended without reaching its linear layers")
+                    outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
+                    on_batch()
+        finally:
+            for mod in patched:
+                del mod.forward
+            for hk in hooks:
+                hk.remove()
+        # keep what the next pass can use: outputs of the outermost frozen modules, recorded
+        # for every batch (a module the early stop cut off is recomputed instead)
+        done = {n: r for n, r in record.items() if len(r) == len(self.hidden)}
+        self.cache = {
+            n: self.cache[n] if n in self.cache else done[n]
+            for n in maximal
+            if n in self.cache or n in done
+        }
+        return outputs if collect is None else None
+
+
+# -- the model -------------------------------------------------------------------------------------
+
+
+@dataclass
+class SequentialResult:
+    weights: dict[str, Callable[[], QuantizedWeight]]
+    reports: list[dict[str, Any]]
+    seconds: float
+    resumed_from: int
+    device: str
+
+
+def _hessian_error(d: torch.Tensor, h: torch.Tensor) -> float:
+    """``||D X||^2`` up to the factor ``n/2``: ``sum((D H) * D)``."""
+    return float(((d @ h) * d).sum().clamp_min(0))
+
+
+def gptq_model(
+    ckpt: Checkpoint,
+    ids: torch.Tensor,
+    opts: SequentialOptions,
+    work: WorkDir,
+    *,
+    progress: Progress | None = None,
+    log: Callable[[str], None] = lambda _m: None,
+) -> SequentialResult:
+    """Quantize every linear of every decoder layer of ``ckpt`` with GPTQ on ``ids``."""
+    t0 = time.perf_counter()
+    progress = progress or Progress()
+    device = pick_device(opts.device)
+    torch.backends.cuda.matmul.allow_tf32 = False  # reproducible, as the reference code
+    torch.backends.cudnn.allow_tf32 = False
+    dtype = torch.float32
+    model = build_skeleton(ckpt, dtype)
+    parts = _parts(model)
+    loader = WeightLoader(ckpt, device, dtype)
+    n_layers = len(parts.layers)
+    batches = list(ids.split(max(1, opts.batch_size)))
+    total = n_layers + 1
+    for mod in model.modules():
+        for bname, buf in list(mod._buffers.items()):
+            if buf is not None and buf.device.type != "meta":
+                mod._buffers[bname] = buf.to(device)
+
+    progress.stage("embeddings", 0, total, len(batches))
+    s0 = time.perf_counter()
+    hidden, layer_args = embedding_pass(model, parts, loader, batches, device, device, progress)
+    progress.stage_done("embeddings", time.perf_counter() - s0)
+    start = work.layers_done
+    if start:
+        hidden = work.load_hidden(device)
+        log(f"resuming at layer {start} of {n_layers} from {work.path}")
+
+    for i in range(start, n_layers):
+        s0 = time.perf_counter()
+        layer = parts.layers[i]
+        prefix = f"{parts.layers_name}.{i}."
+        loader.load(layer, prefix)
+        try:
+            weights, reports, hidden = _quantize_layer(
+                layer, prefix, hidden, layer_args, batches, opts, device, progress, i, total, log
+            )
+        finally:
+            WeightLoader.unload(layer)
+        work.save_layer(i, weights, hidden, reports)
+        progress.stage_done(f"layer {i}", time.perf_counter() - s0)
+
+    return SequentialResult(
+        weights=work.weights(n_layers, opts.scheme),
+        reports=work.reports,
+        seconds=time.perf_counter() - t0,
+        resumed_from=start,
+        device=str(device),
+    )
+
+
+def _quantize_layer(
+    layer: nn.Module,
+    prefix: str,
+    hidden: list[torch.Tensor],
+    layer_args: LayerArgs,
+    batches: list[torch.Tensor],
+    opts: SequentialOptions,
+    device: torch.device,
+    progress: Progress,
+    index: int,
+    total: int,
+    log: Callable[[str], None],
+) -> tuple[list[QuantizedWeight], list[LinearReport], list[torch.Tensor]]:
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    args = [layer_args[b.shape[0]][index] for b in batches]
+    for n, m in linears.items():
+        opts.scheme.check_shape(prefix + n, tuple(m.weight.shape))
+
+    def once() -> Any:
+        a, k = args[0]
+        return layer(hidden[0].to(device), *a, **k)
+
+    groups = discover_groups(layer, linears, once)
+    stages = groups if opts.true_sequential else [[n for g in groups for n in g]]
+    passes = _LayerPasses(layer, linears, hidden, args, device, opts.cache_outputs)
+    n_passes = len(groups if opts.true_sequential else [0]) + 1
+    progress.stage(f"layer {index}", index + 1, total, n_passes * len(batches))
+
+    quantized: set[str] = set()
+    results: list[QuantizedWeight] = []
+    reports: list[LinearReport] = []
+    for stage in stages:
+        stage_groups = [g for g in groups if g[0] in stage]
+        accs = {g[0]: HessianAccumulator(linears[g[0]].in_features, device) for g in stage_groups}
+        passes.run(quantized, accs, progress.batch)
+        for g in stage_groups:
+            acc = accs[g[0]]
+            h = acc.hessian()
+            for name in g:
+                lin = linears[name]
+                full = prefix + name
+                w = lin.weight.detach().to(torch.float32)
+                r = gptq_quantize(full, w, h, opts.scheme, opts.gptq)
+                if r.damp_used > opts.gptq.damp:
+                    log(
+                        f"{full}: the Hessian is not positive definite at damp "
+                        f"{opts.gptq.damp:g}; dampened with {r.damp_used:g} instead"
+                    )
+                deq = r.weight.dequantize().to(device)
+                rtn = quantize_weight(full, w, opts.scheme).dequantize().to(device)
+                ref = _hessian_error(w, h)
+                reports.append(
+                    LinearReport(
+                        name=full,
+                        gptq_rel_error=(_hessian_error(w - deq, h) / ref) ** 0.5 if ref else 0.0,
+                        rtn_rel_error=(_hessian_error(w - rtn, h) / ref) ** 0.5 if ref else 0.0,
+                        damp=r.damp_used,
+                        input_absmax=float(acc.absmax.max()),
+                    )
+                )
+                lin.weight.data = deq.to(lin.weight.dtype)
+                results.append(r.weight)
+                quantized.add(name)
+            del acc
+    out = passes.run(quantized, None, progress.batch)
+    assert out is not None
+    return results, reports, out
+
+
+def iter_layer_names(reports: list[dict[str, Any]]) -> Iterator[str]:
+    for r in reports:
+        yield str(r["name"])

@@ -22,7 +22,7 @@ from qtool.io import check_writable
 from qtool.output import Output, get_output
 
 
-class _Bars(Progress):
+class StageBars(Progress):
     """Progress on stderr: on a terminal two bars, the stages (embeddings, each layer, norm)
     with the overall ETA and the batches of the current stage; elsewhere (logs, CI) one line
     per stage with its time and the ETA."""
@@ -192,7 +192,7 @@ def calibrate_cmd(
     )
     live = out.show_progress and out.stderr.is_terminal
     with out.progress() if live else contextlib.nullcontext() as bar:
-        cal = calibrate(prep, opts, progress=_Bars(out, bar))
+        cal = calibrate(prep, opts, progress=StageBars(out, bar))
     im = imatrix_of(cal, include_output=imatrix_output) if imatrix is not None else None
     save_stats(stats_path, cal)
     if im is not None and imatrix is not None:

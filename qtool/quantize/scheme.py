@@ -90,9 +90,7 @@ class QuantScheme:
         if not 2 <= self.bits <= 8:
             raise BadInputError(f"--bits {self.bits}: must be between 2 and 8")
         if self.granularity not in ("tensor", "channel", "group"):
-            raise BadInputError(
-                f"granularity {self.granularity!r}: use tensor, channel or group"
-            )
+            raise BadInputError(f"granularity {self.granularity!r}: use tensor, channel or group")
         if self.granularity == "group" and self.group_size < 1:
             raise BadInputError(
                 f"--group-size {self.group_size}: must be positive",
@@ -114,17 +112,17 @@ class QuantScheme:
         return math.ceil(in_features / self.group_size)
 
     def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
-        """A group must divide the columns: a ragged last group is refused (neither the GPTQ
-        kernels nor compressed-tensors' packers accept one)."""
+        """A 2-D weight. A group size that does not divide the columns is allowed: the last
+        group is shorter (as AutoGPTQ quantizes it, and as the GPTQ format's ``g_idx`` and
+        ``ceil(in / group)`` scale rows store it); see :meth:`ragged`."""
         if len(shape) != 2:
             raise BadInputError(f"{name}: shape {shape} is not a 2-D weight")
-        if self.granularity == "group" and shape[1] % self.group_size:
-            raise BadInputError(
-                f"{name}: --group-size {self.group_size} does not divide its {shape[1]} "
-                "input columns",
-                hint="choose a divisor of every quantized layer's input size, or "
-                "--granularity channel; qtool does not pad groups",
-            )
+
+    def ragged(self, in_features: int) -> bool:
+        """Whether the last group of a weight with ``in_features`` columns is shorter. Such
+        weights fit the GPTQ format but not compressed-tensors or vLLM's GPTQ kernels, which
+        need the group size to divide the columns."""
+        return self.granularity == "group" and in_features % self.group_size != 0
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -228,16 +226,6 @@ def fit_params(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torc
     return params_from_range(lo, hi, scheme)
 
 
-def _as_rows(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """The rows each parameter set covers: the whole tensor, each output row, or each group."""
-    out, cols = w.shape
-    if scheme.granularity == "tensor":
-        return w.reshape(1, -1)
-    if scheme.granularity == "channel":
-        return w
-    return w.reshape(out * (cols // scheme.group_size), scheme.group_size)
-
-
 def quantize_weight(
     name: str, w: torch.Tensor, scheme: QuantScheme, *, chunk_rows: int = 4096
 ) -> QuantizedWeight:
@@ -250,17 +238,32 @@ def quantize_weight(
             f"{name}: {bad} weight(s) are NaN or infinite", hint="the checkpoint is damaged"
         )
     out, cols = w.shape
-    rows = _as_rows(w, scheme)
-    scales, zeros, codes = [], [], []
-    for part in rows.split(chunk_rows):  # bounds the clip search's memory
-        s, z = fit_params(part, scheme)
-        scales.append(s)
-        zeros.append(z)
-        codes.append(quantize_codes(part, s, z, scheme))
-    scale, zero = torch.cat(scales), torch.cat(zeros)
-    code = torch.cat(codes).reshape(out, cols)
     if scheme.granularity == "tensor":
-        scale, zero = scale.expand(out).reshape(out, 1), zero.expand(out).reshape(out, 1)
-    else:
-        scale, zero = scale.reshape(out, -1), zero.reshape(out, -1)
-    return QuantizedWeight(name, code, scale.contiguous(), zero.contiguous(), scheme)
+        s, z = fit_params(w.reshape(1, -1), scheme)
+        code = quantize_codes(w.reshape(1, -1), s, z, scheme).reshape(out, cols)
+        return QuantizedWeight(
+            name, code, s.expand(out, 1).clone(), z.expand(out, 1).clone(), scheme
+        )
+    step = cols if scheme.granularity == "channel" else scheme.group_size
+    full = cols - cols % step
+    scales, zeros, codes = [], [], []
+    # the whole groups as one [out * groups, step] block, then a shorter last group if any
+    blocks = [(w[:, :full], full // step), (w[:, full:], 1)] if full < cols else [(w, cols // step)]
+    for block, n_groups in blocks:
+        rows = block.reshape(out * n_groups, -1)
+        bs, bz, bc = [], [], []
+        for part in rows.split(chunk_rows):  # bounds the clip search's memory
+            s, z = fit_params(part, scheme)
+            bs.append(s)
+            bz.append(z)
+            bc.append(quantize_codes(part, s, z, scheme))
+        scales.append(torch.cat(bs).reshape(out, n_groups))
+        zeros.append(torch.cat(bz).reshape(out, n_groups))
+        codes.append(torch.cat(bc).reshape(out, -1))
+    return QuantizedWeight(
+        name,
+        torch.cat(codes, dim=1).contiguous(),
+        torch.cat(scales, dim=1).contiguous(),
+        torch.cat(zeros, dim=1).contiguous(),
+        scheme,
+    )

@@ -47,7 +47,3 @@ class UnsupportedError(BadInputError):
 
 class OutputError(QToolError):
     """The output cannot be written (read-only location, full disk). Exit code 1."""
-
-
-class NotImplementedYetError(QToolError):
-    """A command or option whose implementation has not landed yet."""

@@ -241,7 +241,7 @@ def _run_integer(src: str, **o: Any) -> None:
     out.json_mode = o["json_out"]
     if o["bits"] is None:
         raise BadInputError(f"--method {o['method']} needs --bits", hint="e.g. --bits 4")
-    gran = o["granularity"] or ("channel" if o["group_size"] == -1 else "group")
+    gran: Any = o["granularity"] or ("channel" if o["group_size"] == -1 else "group")
     if gran == "group" and o["group_size"] < 1:
         raise BadInputError(
             f"--group-size {o['group_size']}: must be positive, or -1 for one scale per channel"

@@ -27,7 +27,6 @@ from qtool.checkpoint import Checkpoint, open_checkpoint
 from qtool.errors import (
     BadInputError,
     CorruptFileError,
-    NotImplementedYetError,
     UnsupportedError,
 )
 from qtool.evaluate.gguf_decode import decode_state_dict
@@ -306,18 +305,48 @@ def load_hf_model(ckpt: Checkpoint, dtype: Any, device: str) -> tuple[Any, str]:
         return model, "compressed-tensors"
     if method == "gptq":
         if importlib.util.find_spec("gptqmodel") is None:
-            raise NotImplementedYetError(
-                f"{ckpt.source}: GPTQ checkpoints are not supported by qtool eval yet "
-                "(transformers loads them through gptqmodel, which is not installed: its wheels "
-                "bring a CUDA build of torch)",
-                hint="evaluate the unquantized checkpoint or a GGUF export meanwhile",
-            )
+            # transformers loads GPTQ through gptqmodel, whose wheels bring a CUDA build of
+            # torch: without it, qtool unpacks the v1 layout into a dense model itself.
+            return load_gptq_unpacked(ckpt, dtype, device), "gptq"
         return _from_pretrained(ckpt, dtype, device), "gptq"
     raise UnsupportedError(
         f"{ckpt.source}: quantization_config quant_method {method!r} is not supported by "
         "qtool eval",
         hint="supported: unquantized, compressed-tensors, gptq (with gptqmodel), and GGUF files",
     )
+
+
+def load_gptq_unpacked(ckpt: Checkpoint, dtype: Any, device: str) -> Any:
+    """A GPTQ v1 checkpoint unpacked by qtool (:func:`qtool.quantize.formats.gptq.
+    dense_tensors`) into a dense model built from its config without ``quantization_config``:
+    the weights are exactly ``scales * (q - (qzeros + 1))``, as the GPTQ kernels compute."""
+    import copy
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qtool.quantize.formats.gptq import dense_tensors
+
+    cfg_dict = copy.deepcopy(ckpt.config)
+    cfg_dict.pop("quantization_config", None)
+    model_type = cfg_dict.get("model_type")
+    try:
+        with _quiet_transformers():
+            cfg = AutoConfig.for_model(**cfg_dict)
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(cfg)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UnsupportedError(
+            f"{ckpt.source}: transformers cannot build a {model_type!r} model ({e})"
+        ) from e
+    cls = type(skeleton)
+    del skeleton
+    names = list(ckpt.tensors)
+    state = dict(dense_tensors(names, ckpt.read, ckpt.config, dtype))
+    with _quiet_transformers():
+        model = cls.from_pretrained(None, config=cfg, state_dict=state, dtype=dtype)
+    del state
+    return model.to(device)
 
 
 def load_gguf_into(

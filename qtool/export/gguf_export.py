@@ -11,7 +11,7 @@ import errno
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +133,11 @@ def encode(x: np.ndarray, qtype: str, imatrix: np.ndarray | None, name: str) -> 
     return quantize(rows, qtype, imatrix, name=name)
 
 
+# ``(hf_name, float32 rows) -> float32 rows`` of the same shape, applied to every tensor planned
+# as a quantized (non-float) type before encoding; a row chunk of a large tensor may be passed.
+Transform = Callable[[str, np.ndarray], np.ndarray]
+
+
 def export_gguf(
     ckpt: Checkpoint,
     out_path: Path,
@@ -142,8 +147,10 @@ def export_gguf(
     *,
     imatrix: dict[str, np.ndarray] | None = None,
     tokenizer_pre: str | None = None,
+    transform: Transform | None = None,
 ) -> int:
-    """Write the GGUF described by ``plan``; return the file size."""
+    """Write the GGUF described by ``plan``; return the file size. ``transform`` rewrites the
+    float rows of quantized tensors before encoding (BitNet ternarizes its linear weights)."""
     check_writable(out_path)
     fd, tmp_name = tempfile.mkstemp(
         prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.expanduser().resolve().parent
@@ -174,7 +181,7 @@ def export_gguf(
         w.write_header_to_file(path=tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        _stream_tensors(ckpt, plan, arch, w, out, imatrix or {})
+        _stream_tensors(ckpt, plan, arch, w, out, imatrix or {}, transform)
         w.close()
         os.chmod(tmp, 0o644)  # mkstemp made it private; the output is an ordinary file
         os.replace(tmp, out_path)
@@ -204,6 +211,7 @@ def _stream_tensors(
     w: gguf.GGUFWriter,
     out: Output,
     imatrix: dict[str, np.ndarray],
+    transform: Transform | None = None,
 ) -> None:
     start = time.monotonic()
     with out.progress() as bar:
@@ -213,6 +221,8 @@ def _stream_tensors(
             fout = _begin_tensor(w, e.nbytes)
             written = 0
             for x in _float_chunks(ckpt, arch, e):
+                if transform is not None and e.qtype not in ("F32", "F16", "BF16"):
+                    x = transform(e.hf_name, x)
                 data = encode(x, e.qtype, imat, e.name)
                 del x
                 fout.write(np.ascontiguousarray(data).data.cast("B"))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from qtool.errors import QToolError
-from qtool.quantize.scheme import QuantizedWeight, QuantScheme, fit_params, quantize_codes
+from qtool.quantize.scheme import QuantizedWeight, QuantScheme, fit_params
 
 
 @dataclass(frozen=True)
@@ -40,23 +40,38 @@ class GPTQConfig:
 class HessianAccumulator:
     """``sum x x^T`` over every input row a layer sees, added batch by batch (the reference's
     ``add_batch``); :meth:`hessian` returns ``2/n sum x x^T``. Kept in float32 on the device of
-    the inputs; one accumulator serves every linear that reads the same input."""
+    the inputs; one accumulator serves every linear that reads the same input.
 
-    def __init__(self, columns: int, device: torch.device) -> None:
+    The matrix is symmetric, so only its upper blocks are computed (at most 4 column blocks of at
+    least ``BLOCK`` columns): with 4 blocks that is 10 of 16 block products, 37.5% fewer FLOPs
+    on what is, with the forward itself, the cost of a GPTQ layer."""
+
+    BLOCK = 256
+
+    def __init__(self, columns: int, device: torch.device, *, absmax: bool = False) -> None:
         self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)
-        self.absmax = torch.zeros(columns, dtype=torch.float32, device=device)
+        # per-channel max |x|, for static activation scales (off unless asked: it costs a pass)
+        self.absmax = torch.zeros(columns, dtype=torch.float32, device=device) if absmax else None
         self.rows = 0
+        n = max(1, min(4, columns // self.BLOCK))
+        edges = [round(i * columns / n) for i in range(n + 1)]
+        self.blocks = list(zip(edges[:-1], edges[1:], strict=True))
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        self.sum.addmm_(x.T, x)
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0))
+        for a, (i0, i1) in enumerate(self.blocks):
+            xi = x[:, i0:i1]
+            for j0, j1 in self.blocks[a:]:
+                self.sum[i0:i1, j0:j1].addmm_(xi.T, x[:, j0:j1])
+        if self.absmax is not None:
+            self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0))
         self.rows += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
         if self.rows == 0:
             raise QToolError("GPTQ: a layer received no calibration input")
-        return self.sum * (2.0 / self.rows)
+        full = torch.triu(self.sum) + torch.triu(self.sum, diagonal=1).T
+        return full * (2.0 / self.rows)
 
 
 @dataclass
@@ -145,7 +160,10 @@ def gptq_quantize(
     else:
         pos_group = torch.zeros(cols, dtype=torch.long, device=w.device)
     dynamic_groups = scheme.granularity == "group" and not config.static_groups
-    objective = 0.0
+    lo = 1.0 if scheme.sym and scheme.restricted else 0.0
+    maxq = float(scheme.maxq)
+    losses = torch.zeros(cols, dtype=torch.float32, device=w.device)
+    params: tuple[int, torch.Tensor, torch.Tensor] = (-1, scale[:, 0], scale[:, 0])
     for i1 in range(0, cols, config.block_size):
         i2 = min(i1 + config.block_size, cols)
         w1 = w[:, i1:i2].clone()
@@ -157,20 +175,24 @@ def gptq_quantize(
                 # the group's columns as they are now: updated ones in this block, the rest of
                 # the group (beyond the block) as updated by the earlier blocks
                 cur = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]
-                g = col // group
-                scale[:, g], zero[:, g] = fit_params(cur, scheme)
+                gi = col // group
+                scale[:, gi], zero[:, gi] = fit_params(cur, scheme)
             g = int(pos_group[col])
-            s, z = scale[:, g : g + 1], zero[:, g : g + 1]
-            x = w1[:, i : i + 1]
-            q = quantize_codes(x, s, z, scheme)
-            codes[:, col] = q[:, 0]
-            xq = (q.to(torch.float32) - z.to(torch.float32)) * s
+            if params[0] != g:
+                params = (g, scale[:, g], zero[:, g].to(torch.float32))
+            _, s, zf = params
+            # quantize_codes / fake_quantize inlined: this loop runs once per column
+            x = w1[:, i]
+            q = torch.clamp(torch.round(x / s) + zf, lo, maxq)
+            codes[:, col] = q.to(torch.uint8)
+            xq = (q - zf) * s
             d = hinv1[i, i]
+            losses[col] = (x - xq).square().sum() / (d * d) / 2.0
             e = (x - xq) / d
-            objective += float((x - xq).square().sum()) / float(d * d) / 2.0
-            w1[:, i:] -= e @ hinv1[i : i + 1, i:]
-            err1[:, i : i + 1] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)
+            err1[:, i] = e
+        w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)
+    objective = float(losses.sum())
 
     g_idx: torch.Tensor | None = None  # None: natural order c // group
     if config.act_order:

@@ -192,7 +192,7 @@ def run_quantize(
             raise BadInputError(
                 f"{n}: --group-size {g} does not divide its {cols} input columns, and "
                 f"{fmt} needs whole groups",
-                hint=f"use a group size dividing every layer's input (e.g. -g {_divisor(names, ckpt)}), "
+                hint=f"use a group size dividing every input (e.g. -g {_divisor(names, ckpt)}), "
                 "or --format gptq, which stores a shorter last group",
             )
         log(
@@ -212,11 +212,12 @@ def run_quantize(
     stats: CalibrationStats | None = None
     if o.smooth_alpha is not None or (o.act_static and o.method == "rtn"):
         stats = _stats_for(o, ckpt, log)
-        card["calibration"] = stats.meta.get("dataset")
+        ds = stats.meta.get("dataset") or {}
+        card.update(dataset=ds.get("spec"), samples=ds.get("samples"), seq_len=ds.get("seq_len"))
     if o.smooth_alpha is not None:
         assert stats is not None
         smoothing = smoothquant(ckpt, stats, o.smooth_alpha)
-        card["smoothquant_alpha"] = o.smooth_alpha
+        card["notes"] = f"SmoothQuant migration strength alpha = {o.smooth_alpha}."
 
     weights: dict[str, Callable[[], QuantizedWeight]]
     reports: list[dict[str, Any]] = []
@@ -253,9 +254,7 @@ def run_quantize(
         weights=weights,
         method=o.method,
         activations=activations,
-        float_overrides={
-            k: (lambda v=v: v) for k, v in (smoothing.norms if smoothing else {}).items()
-        },
+        float_overrides=_constants(smoothing.norms if smoothing else {}),
         gptq={**o.gptq.to_json(), "true_sequential": o.true_sequential},
         card=card,
         measure=measure,
@@ -281,6 +280,10 @@ def run_quantize(
             r["gptq_rel_error"] < r["rtn_rel_error"] for r in reports
         )
     return QuantizeResult(o.output, data)
+
+
+def _constants(tensors: dict[str, torch.Tensor]) -> dict[str, Callable[[], torch.Tensor]]:
+    return {k: (lambda v=v: v) for k, v in tensors.items()}  # type: ignore[misc]
 
 
 def _result_fields(result: Any) -> dict[str, Any]:
@@ -313,6 +316,7 @@ def _run_gptq(
         true_sequential=o.true_sequential,
         batch_size=o.calib.batch_size,
         device=o.calib.device,
+        input_absmax=o.act_static,
     )
     run = run_identity(ckpt, ids, seq)
     work_path = o.resume or o.output.with_name(o.output.name + ".qtool-gptq")
@@ -320,20 +324,25 @@ def _run_gptq(
     if o.resume is None:
         log(f"checkpoints in {work_path}; if interrupted, rerun with --resume {work_path}")
     res = gptq_model(ckpt, ids, seq, work, progress=progress, log=log)
+    d = prep.dataset
     card = {
-        "calibration": prep.dataset,
-        "gptq_seconds": round(res.seconds, 1),
+        "dataset": d["spec"],
+        "samples": d["samples"],
+        "seq_len": d["seq_len"],
+        "tokens_sha256": d["tokens_sha256"],
+        "seconds": res.seconds,
         "device": res.device,
-        "resumed_from_layer": res.resumed_from or None,
     }
     return res.weights, res.reports, work_path, card
 
 
 def _measurer(src: str, o: QuantizeOptions) -> Callable[[Path], dict[str, Any]]:
+    """Quality for the model card: ``qtool eval`` of the finished folder against the base."""
+
     def measure(path: Path) -> dict[str, Any]:
         from qtool.evaluate.runner import EvalSettings, run_eval
 
-        report = run_eval(
+        r = run_eval(
             EvalSettings(
                 artifacts=[str(path)],
                 base=src,
@@ -342,6 +351,16 @@ def _measurer(src: str, o: QuantizeOptions) -> Callable[[Path], dict[str, Any]]:
                 chunks=o.measure_chunks,
             )
         )
-        return {"dataset": o.measure_dataset, "ctx": o.measure_ctx, "report": report}
+        a = r["artifacts"][0]
+        return {
+            "eval text": f"{r['settings']['dataset']} ({r['settings']['chunks']} x "
+            f"{o.measure_ctx} tokens, {r['tokens']['scored']} scored)",
+            "base PPL": round(float(r["base"]["ppl"]), 4),
+            "PPL": round(float(a["ppl"]), 4),
+            "delta PPL": round(float(a["delta_ppl"]), 4),
+            "KLD mean": round(float(a["kld"]["mean"]), 6),
+            "KLD p99": round(float(a["kld"]["p99"]), 6),
+            "top-1 agreement": round(float(a["top1"]), 4),
+        }
 
     return measure

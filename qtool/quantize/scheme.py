@@ -17,7 +17,8 @@ Conventions (the ones GPTQ checkpoints and compressed-tensors share):
 - scales are rounded to ``scale_dtype`` (float16 by default: what the GPTQ format stores) before
   the codes are computed, so a writer storing them loses nothing and every consumer decodes the
   same weights qtool evaluates;
-- a group whose range is 0 (all zeros) gets scale 1 and decodes to exact zeros.
+- a group whose range is 0 (all zeros) gets scale 1 and zero ``2^(b-1)``, and decodes to exact
+  zeros.
 
 Granularity: ``tensor`` (one scale), ``channel`` (one per output row), ``group`` (one per output
 row and ``group_size`` consecutive input columns, or per ``g_idx`` under act-order).
@@ -192,8 +193,11 @@ def params_from_range(
     scale = (hi - lo) / scheme.maxq
     empty = scale == 0
     scale = _round_scale(torch.where(empty, torch.ones_like(scale), scale), scheme)
-    zero = torch.clamp(torch.round(-lo / scale), 0, scheme.maxq).to(torch.int32)
-    return scale, zero
+    zero = torch.clamp(torch.round(-lo / scale), 0, scheme.maxq)
+    # an all-zero group decodes to 0 with any zero point: use the middle one, which every
+    # format can store (GPTQ v1 stores zero - 1 and cannot hold 0)
+    zero = torch.where(empty, torch.full_like(zero, 1 << (scheme.bits - 1)), zero)
+    return scale, zero.to(torch.int32)
 
 
 def quantize_codes(

@@ -64,6 +64,7 @@ class SequentialOptions:
     batch_size: int = 1
     device: str = "auto"
     cache_outputs: bool = True  # reuse frozen modules' outputs (off only to test that it is exact)
+    input_absmax: bool = False  # record each linear's input max |x| (static activation scales)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -71,6 +72,7 @@ class SequentialOptions:
             "gptq": self.gptq.to_json(),
             "true_sequential": self.true_sequential,
             "batch_size": self.batch_size,
+            "input_absmax": self.input_absmax,
         }
 
 
@@ -83,7 +85,7 @@ class LinearReport:
     gptq_rel_error: float
     rtn_rel_error: float
     damp: float
-    input_absmax: float
+    input_absmax: float | None
 
 
 # -- the resume directory -------------------------------------------------------------------------
@@ -344,7 +346,7 @@ class _LayerPasses:
         outputs are returned."""
         frozen = set(self._frozen(quantized)) if self.cache_outputs else set()
         maximal = {n for n in frozen if "." not in n or n.rsplit(".", 1)[0] not in frozen}
-        record = {n: [] for n in maximal if n not in self.cache}
+        record: dict[str, list[Any]] = {n: [] for n in maximal if n not in self.cache}
         j_now = [0]
         patched, hooks = [], []
         for n in frozen:
@@ -536,7 +538,7 @@ def _quantize_layer(
                         gptq_rel_error=(_hessian_error(w - deq, h) / ref) ** 0.5 if ref else 0.0,
                         rtn_rel_error=(_hessian_error(w - rtn, h) / ref) ** 0.5 if ref else 0.0,
                         damp=r.damp_used,
-                        input_absmax=float(acc.absmax.max()),
+                        input_absmax=float(acc.absmax.max()) if acc.absmax is not None else None,
                     )
                 )
                 lin.weight.data = deq.to(lin.weight.dtype)

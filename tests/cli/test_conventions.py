@@ -1,4 +1,4 @@
-"""Global CLI conventions: stdout/stderr split, --json, -q, exit codes, unimplemented commands."""
+"""Global CLI conventions: stdout/stderr split, --json, -q, exit codes, missing sources."""
 
 from __future__ import annotations
 
@@ -45,10 +45,14 @@ def test_quiet_suppresses_warnings(cli, tiny_llama: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "bitnet"])
-def test_unimplemented_methods_say_so(cli, method: str) -> None:
-    r = cli("quantize", "some/model", "--method", method, "--bits", "4")
-    assert r.exit_code == 1
-    assert "not implemented yet" in r.stderr and r.stdout == ""
+def test_quantize_methods_name_a_missing_source(cli, method: str, tmp_path: Path) -> None:
+    """Every method resolves the source first-class: a missing repo is one line, no output."""
+    r = cli("quantize", tmp_path / "no-such-model", "--method", method, "--bits", "4" if
+            method != "bitnet" else "2", "-d", "canterbury", "-o", tmp_path / "out")  # fmt: skip
+    assert r.exit_code == 2, r.stderr
+    assert "no-such-model" in r.stderr and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_debug_env_shows_traceback(tmp_path: Path) -> None:

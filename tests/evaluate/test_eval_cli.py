@@ -183,14 +183,16 @@ def test_missing_artifact_and_options(cli, tiny_base: Path) -> None:
     assert "--scoring half" in err
 
 
-def test_gptq_not_supported_yet(cli, tiny_base: Path, tmp_path: Path) -> None:
+def test_gptq_config_without_gptq_tensors(cli, tiny_base: Path, tmp_path: Path) -> None:
+    """GPTQ checkpoints load through qtool's unpacker when gptqmodel is absent (see
+    tests/quantize/test_formats_gptq.py); a GPTQ config over dense tensors is a corrupt input."""
     art = tmp_path / "gptq"
     shutil.copytree(tiny_base, art)
     cfg = json.loads((art / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
     (art / "config.json").write_text(json.dumps(cfg))
-    err = _fails(cli, 1, art, "--base", tiny_base, *FAST)
-    assert "GPTQ" in err and "not supported" in err
+    err = _fails(cli, 2, art, "--base", tiny_base, *FAST)
+    assert "GPTQ" in err and "qweight" in err
 
 
 def test_gguf_of_another_shape(cli, tiny_base: Path, tmp_path: Path, assets) -> None:

@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install assets assets-gemma demo test test-slow check bench clean
+.PHONY: install assets assets-gemma demo test test-slow check bench bench-quantize clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,12 @@ bench: assets-gemma
 	$(PY) scripts/bench_codecs.py
 	$(PY) scripts/bench_export.py --gemma
 	$(PY) scripts/bench_eval.py
+
+# FP / RTN / GPTQ quality table and GPTQ time + peak RSS (about 40 min for SmolLM2 on 2 cores,
+# 20 more for Gemma 3 at 4 and 3 bits).
+bench-quantize: assets-gemma
+	$(PY) scripts/bench_quantize.py --out bench-quantize-smollm2.json
+	$(PY) scripts/bench_quantize.py --model gemma3 --bits 4 3 --clip none --out bench-quantize-gemma3.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -297,16 +297,25 @@ def _run_integer(src: str, **o: Any) -> None:
         measure_chunks=o["eval_chunks"],
         command="qtool " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
+
+    def log(message: str) -> None:
+        if message.startswith("warning: "):
+            out.warn(message.removeprefix("warning: "))
+        else:
+            out.info(message)
+
     live = out.show_progress and out.stderr.is_terminal
     with out.progress() if live else contextlib.nullcontext() as bar:
-        res = run_quantize(
-            src, opts, revision=o["revision"], progress=StageBars(out, bar), log=out.info
-        )
+        res = run_quantize(src, opts, revision=o["revision"], progress=StageBars(out, bar), log=log)
     out.result(res.data, lambda c: render(c, res.data))
 
 
 def render(console: Console, d: dict[str, Any]) -> None:
     """What was written, the per-layer GPTQ vs RTN errors (summary), and quality if measured."""
+    if d.get("footprint"):
+        from qtool.cli.inspect import render as render_footprint
+
+        render_footprint(console, d["footprint"])
     s = d["scheme"]
     head = Table(title=f"{d['output']} ({d['format']})", show_header=False, title_justify="left")
     head.add_column(style="bold")
@@ -327,7 +336,11 @@ def render(console: Console, d: dict[str, Any]) -> None:
         )
     if d.get("bytes"):
         head.add_row("size", f"{d['bytes']:,} bytes ({d['bytes'] / 2**20:.1f} MiB)")
+    if d.get("bits_per_weight"):
+        head.add_row("bits/weight", f"{d['bits_per_weight']:.3f} (all tensors, scales included)")
     head.add_row("time", f"{d['seconds']:.1f} s")
+    for k, v in (d.get("quality") or {}).items():
+        head.add_row(k, str(v))
     if d.get("layers"):
         n = len(d["layers"])
         head.add_row(

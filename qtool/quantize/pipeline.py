@@ -9,6 +9,7 @@ write, measure, report.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import time
@@ -171,6 +172,8 @@ def run_quantize(
 
     check_options(o)
     fmt = o.resolved_format()
+    if fmt == "gptq" and not o.scheme.sym:
+        o.scheme = dataclasses.replace(o.scheme, min_zero=1)  # GPTQ v1 cannot store zero 0
     t0 = time.perf_counter()
     ckpt = open_checkpoint(src, revision=revision)
     if ckpt.format != "safetensors":
@@ -288,7 +291,7 @@ def _constants(tensors: dict[str, torch.Tensor]) -> dict[str, Callable[[], torch
 
 def _result_fields(result: Any) -> dict[str, Any]:
     fields = {}
-    for k in ("files", "bytes", "quality", "footprint"):
+    for k in ("files", "bytes", "tensor_bytes", "bits_per_weight", "quality", "footprint"):
         v = getattr(result, k, None)
         if v is not None:
             fields[k] = [str(p) for p in v] if k == "files" else v

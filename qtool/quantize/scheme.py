@@ -86,6 +86,9 @@ class QuantScheme:
     restricted: bool = False  # symmetric only: use ±(2^(b-1)-1) and leave code 0 unused
     clip: Clip = field(default_factory=Clip)
     scale_dtype: str = "float16"
+    # asymmetric only: the smallest zero point (1 for the GPTQ v1 layout, which stores zero - 1
+    # in b bits; a group that would want 0 loses the top step of its range instead)
+    min_zero: int = 0
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -193,7 +196,7 @@ def params_from_range(
     scale = (hi - lo) / scheme.maxq
     empty = scale == 0
     scale = _round_scale(torch.where(empty, torch.ones_like(scale), scale), scheme)
-    zero = torch.clamp(torch.round(-lo / scale), 0, scheme.maxq)
+    zero = torch.clamp(torch.round(-lo / scale), scheme.min_zero, scheme.maxq)
     # an all-zero group decodes to 0 with any zero point: use the middle one, which every
     # format can store (GPTQ v1 stores zero - 1 and cannot hold 0)
     zero = torch.where(empty, torch.full_like(zero, 1 << (scheme.bits - 1)), zero)

@@ -526,7 +526,7 @@ def _quantize_layer(
                 r = gptq_quantize(full, w, h, opts.scheme, opts.gptq)
                 if r.damp_used > opts.gptq.damp:
                     log(
-                        f"{full}: the Hessian is not positive definite at damp "
+                        f"warning: {full}: the Hessian is not positive definite at damp "
                         f"{opts.gptq.damp:g}; dampened with {r.damp_used:g} instead"
                     )
                 deq = r.weight.dequantize().to(device)

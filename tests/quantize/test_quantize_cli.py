@@ -225,3 +225,33 @@ def test_bitnet_gguf_via_cli(cli, assets, tmp_path: Path) -> None:
     _meta, tensors = read_gguf(out)
     assert tensors["blk.0.attn_q.weight"].dtype == "TQ1_0"
     assert tensors["blk.1.ffn_down.weight"].dtype == "TQ1_0"
+
+
+def test_asym_gptq_format_never_needs_zero_point_0(cli, tmp_path: Path) -> None:
+    """GPTQ v1 stores zero - 1 in b bits, so zero 0 is not storable; qtool's asymmetric
+    quantization for that format starts its zero points at 1, and a group of non-negative
+    weights (which would want 0) still writes and decodes to what qtool evaluated."""
+    from safetensors.torch import load_file, save_file
+
+    from qtool.quantize.formats.gptq import unpack_weight
+
+    src = make_tiny_llama(tmp_path / "pos", dtype="float32")
+    f = src / "model.safetensors"
+    t = load_file(str(f))
+    name = "model.layers.0.mlp.up_proj"
+    t[name + ".weight"][:, :64] = t[name + ".weight"][:, :64].abs()  # group 0: no negatives
+    save_file(t, str(f), metadata={"format": "pt"})
+    out = tmp_path / "o"
+    r = cli("quantize", src, "--method", "rtn", "--bits", "4", "-g", "64", "--asym",
+            "--format", "gptq", "-o", out)  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    q = load_file(str(out / "model.safetensors"))
+    parts = {s: q[f"{name}.{s}"] for s in ("qweight", "qzeros", "scales", "g_idx")}
+    dense = unpack_weight(parts, 4, torch.float32)
+
+    from qtool.quantize.scheme import QuantScheme, quantize_weight
+
+    want = quantize_weight(name, t[name + ".weight"], QuantScheme(4, sym=False, group_size=64,
+                                                                 min_zero=1))  # fmt: skip
+    assert int(want.zero[:, 0].min()) == 1
+    assert torch.equal(dense, want.dequantize())

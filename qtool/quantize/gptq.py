@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qtool.errors import QToolError
+from qtool.errors import BadInputError, QToolError
 from qtool.quantize.scheme import QuantizedWeight, QuantScheme, fit_params
 
 
@@ -120,7 +120,7 @@ def gptq_quantize(
     scheme.check_shape(name, tuple(weight.shape))
     w = weight.detach().to(torch.float32).clone()
     if not torch.isfinite(w).all():
-        raise QToolError(f"{name}: the weight has NaN or infinite values")
+        raise BadInputError(f"{name}: the weight has NaN or infinite values")
     h = hessian.to(device=w.device, dtype=torch.float32).clone()
     rows, cols = w.shape
     group = scheme.group_size if scheme.granularity == "group" else cols

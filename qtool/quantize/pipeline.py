@@ -326,7 +326,13 @@ def _run_gptq(
     work = WorkDir.open(work_path, run, resume=o.resume is not None)
     if o.resume is None:
         log(f"checkpoints in {work_path}; if interrupted, rerun with --resume {work_path}")
-    res = gptq_model(ckpt, ids, seq, work, progress=progress, log=log)
+    fresh = work.layers_done == 0
+    try:
+        res = gptq_model(ckpt, ids, seq, work, progress=progress, log=log)
+    except BadInputError:
+        if fresh:  # bad input will fail the same way again: nothing worth resuming
+            shutil.rmtree(work_path, ignore_errors=True)
+        raise
     d = prep.dataset
     card = {
         "dataset": d["spec"],

@@ -498,6 +498,12 @@ def _quantize_layer(
     args = [layer_args[b.shape[0]][index] for b in batches]
     for n, m in linears.items():
         opts.scheme.check_shape(prefix + n, tuple(m.weight.shape))
+    for n, p in layer.named_parameters():
+        if not torch.isfinite(p).all():
+            raise BadInputError(
+                f"{prefix}{n}: {int((~torch.isfinite(p)).sum())} weight(s) are NaN or infinite",
+                hint="the checkpoint is damaged",
+            )
 
     def once() -> Any:
         a, k = args[0]

@@ -197,19 +197,23 @@ def test_bad_options(cli, tok32: Path, tmp_path: Path, args: list[str], message:
     assert not out.exists()
 
 
-def test_nan_weights_refused_nothing_written(cli, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_nan_weights_refused_nothing_written(cli, assets, tmp_path: Path, method: str) -> None:
     from safetensors.torch import load_file, save_file
 
-    src = make_tiny_llama(tmp_path / "nan", dtype="float32")
+    src = make_tiny_llama(tmp_path / "nan", dtype="float32", vocab_size=49152)
+    shutil.copy(assets.smollm2_hf / "tokenizer.json", src / "tokenizer.json")
     f = src / "model.safetensors"
     t = load_file(str(f))
     t["model.layers.1.mlp.up_proj.weight"][3, 3] = float("nan")
     save_file(t, str(f), metadata={"format": "pt"})
     out = tmp_path / "o"
-    r = cli("quantize", src, "--method", "rtn", "--bits", "4", "-g", "64", "-o", out)
-    assert r.exit_code == 2
+    r = cli("quantize", src, "--method", method, "--bits", "4", "-g", "64", "-d", "canterbury",
+            "-n", "2", "-L", "32", "-o", out)  # fmt: skip
+    assert r.exit_code == 2, r.stderr
     assert "model.layers.1.mlp.up_proj" in r.stderr and "NaN" in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".o.*"))
+    assert not (tmp_path / "o.qtool-gptq").exists()
 
 
 def test_bitnet_gguf_via_cli(cli, assets, tmp_path: Path) -> None:

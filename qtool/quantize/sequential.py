@@ -276,15 +276,31 @@ def _to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def discover_groups(
+@dataclass
+class LayerPlan:
+    """What one run of a layer shows: its linears grouped by input, and the *tail* modules,
+    whose output is the output of one of their own linears (the attention block returns
+    ``o_proj(...)``, the MLP ``down_proj(...)``): once that linear is quantized, such a module's
+    output is the linear applied to its recorded input, with nothing before it recomputed."""
+
+    groups: list[list[str]]
+    tails: dict[str, tuple[str, int | None]]  # module -> (its tail linear, tuple length or None)
+
+
+def discover(
     layer: nn.Module, linears: dict[str, nn.Linear], run_once: Callable[[], Any]
-) -> list[list[str]]:
-    """The linears of ``layer`` grouped by the input tensor they read, in call order."""
-    seen: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps their identity unique
-    hooks = [
-        m.register_forward_pre_hook(lambda _m, a, n=n: seen.append((n, a[0])))
-        for n, m in linears.items()
-    ]
+) -> LayerPlan:
+    """Run ``layer`` once and read its structure: input groups (in call order) and tails."""
+    seen: list[tuple[str, torch.Tensor]] = []  # holding the tensors keeps their identity unique
+    lin_out: list[tuple[str, torch.Tensor]] = []
+    mod_out: list[tuple[str, Any]] = []
+    hooks = []
+    for n, m in linears.items():
+        hooks.append(m.register_forward_pre_hook(lambda _m, a, n=n: seen.append((n, a[0]))))
+        hooks.append(m.register_forward_hook(lambda _m, _a, o, n=n: lin_out.append((n, o))))
+    for n, m in layer.named_modules():
+        if n and n not in linears and any(ln.startswith(n + ".") for ln in linears):
+            hooks.append(m.register_forward_hook(lambda _m, _a, o, n=n: mod_out.append((n, o))))
     try:
         with torch.no_grad():
             run_once()
@@ -304,7 +320,17 @@ def discover_groups(
     missing = set(linears) - {n for _, m in groups for n in m}
     if missing:
         raise QToolError(f"linear layers never called by the forward: {sorted(missing)}")
-    return [m for _, m in groups]
+    tails: dict[str, tuple[str, int | None]] = {}
+    for n, out in mod_out:
+        first, size = out, None
+        if isinstance(out, tuple):
+            if not out or any(o is not None for o in out[1:]):
+                continue
+            first, size = out[0], len(out)
+        for ln, lo in lin_out:
+            if lo is first and ln.startswith(n + "."):
+                tails[n] = (ln, size)
+    return LayerPlan([m for _, m in groups], tails)
 
 
 class _LayerPasses:
@@ -319,8 +345,12 @@ class _LayerPasses:
         args: list[tuple[tuple[Any, ...], dict[str, Any]]],
         device: torch.device,
         cache_outputs: bool,
+        tails: dict[str, tuple[str, int | None]] | None = None,
     ) -> None:
         self.layer = layer
+        self.tails = tails if cache_outputs else {}
+        self.tail_linears = {ln for ln, _ in (tails or {}).values()}
+        self.saved: dict[str, list[torch.Tensor]] = {}  # tail linear -> its inputs, per batch
         self.linears = linears
         self.hidden = hidden
         self.args = args
@@ -346,15 +376,31 @@ class _LayerPasses:
         outputs are returned."""
         frozen = set(self._frozen(quantized)) if self.cache_outputs else set()
         maximal = {n for n in frozen if "." not in n or n.rsplit(".", 1)[0] not in frozen}
-        record: dict[str, list[Any]] = {n: [] for n in maximal if n not in self.cache}
+        # a module whose parent's tail input is being recorded now is not needed afterwards:
+        # the parent is computed from that input in the next pass (q/k/v under the attention)
+        saving = set(collect or ()) & self.tail_linears
+        skip = {
+            n
+            for n in maximal
+            if "." in n and self.tails.get(n.rsplit(".", 1)[0], ("",))[0] in saving
+        }
+        record: dict[str, list[Any]] = {
+            n: [] for n in maximal if n not in self.cache and n not in skip
+        }
         j_now = [0]
         patched, hooks = [], []
+        used: set[str] = set()
         for n in frozen:
+            mod = self.modules[n]
             if n in self.cache:
                 entries = self.cache[n]
-                mod = self.modules[n]
                 object.__setattr__(mod, "forward", lambda *a, _e=entries, **k: _e[j_now[0]])
                 patched.append(mod)
+            elif n in self.tails and len(self.saved.get(self.tails[n][0], ())) == len(self.hidden):
+                lname, size = self.tails[n]
+                object.__setattr__(mod, "forward", self._tail_forward(lname, size, j_now))
+                patched.append(mod)
+                used.add(lname)
         for n, store in record.items():
             hooks.append(
                 self.modules[n].register_forward_hook(
@@ -364,9 +410,14 @@ class _LayerPasses:
         pending: set[str] = set()
         if collect is not None:
             for lname, acc in collect.items():
+                keep = self.saved.setdefault(lname, []) if lname in self.tail_linears else None
 
-                def pre(_m: nn.Module, a: tuple[Any, ...], _n: str = lname, _acc=acc) -> None:
+                def pre(
+                    _m: nn.Module, a: tuple[Any, ...], _n: str = lname, _acc=acc, _keep=keep
+                ) -> None:
                     _acc.add(a[0])
+                    if _keep is not None:
+                        _keep.append(a[0].detach())
                     pending.discard(_n)
                     if not pending:
                         raise _StopLayer
@@ -396,6 +447,8 @@ class _LayerPasses:
                 hk.remove()
         # keep what the next pass can use: outputs of the outermost frozen modules, recorded
         # for every batch (a module the early stop cut off is recomputed instead)
+        for lname in used:
+            del self.saved[lname]
         done = {n: r for n, r in record.items() if len(r) == len(self.hidden)}
         self.cache = {
             n: self.cache[n] if n in self.cache else done[n]
@@ -403,6 +456,15 @@ class _LayerPasses:
             if n in self.cache or n in done
         }
         return outputs if collect is None else None
+
+    def _tail_forward(self, lname: str, size: int | None, j_now: list[int]) -> Callable[..., Any]:
+        linear, saved = self.linears[lname], self.saved[lname]
+
+        def forward(*_a: Any, **_k: Any) -> Any:
+            y = linear(saved[j_now[0]])
+            return y if size is None else (y, *([None] * (size - 1)))
+
+        return forward
 
 
 # -- the model -------------------------------------------------------------------------------------
@@ -509,9 +571,13 @@ def _quantize_layer(
         a, k = args[0]
         return layer(hidden[0].to(device), *a, **k)
 
-    groups = discover_groups(layer, linears, once)
+    plan = discover(layer, linears, once)
+    groups = plan.groups
     stages = groups if opts.true_sequential else [[n for g in groups for n in g]]
-    passes = _LayerPasses(layer, linears, hidden, args, device, opts.cache_outputs)
+    # a tail linear's recorded input is final only if every earlier group was quantized when it
+    # was recorded: true-sequential runs only
+    tails = plan.tails if opts.true_sequential else {}
+    passes = _LayerPasses(layer, linears, hidden, args, device, opts.cache_outputs, tails)
     n_passes = len(groups if opts.true_sequential else [0]) + 1
     progress.stage(f"layer {index}", index + 1, total, n_passes * len(batches))
 

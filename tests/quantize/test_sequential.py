@@ -22,7 +22,7 @@ from qtool.quantize.sequential import (
     STATE,
     SequentialOptions,
     WorkDir,
-    discover_groups,
+    discover,
     gptq_model,
     run_identity,
 )
@@ -72,8 +72,9 @@ def test_llama_input_groups(tiny32: Path) -> None:
     h = model.model.embed_tokens(ids)
     pos = torch.arange(16)[None]
     emb = model.model.rotary_emb(h, pos)
-    groups = discover_groups(layer, linears, lambda: layer(h, position_embeddings=emb))
-    assert groups == [
+    plan = discover(layer, linears, lambda: layer(h, position_embeddings=emb))
+    assert plan.tails == {"self_attn": ("self_attn.o_proj", 2), "mlp": ("mlp.down_proj", None)}
+    assert plan.groups == [
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
         ["self_attn.o_proj"],
         ["mlp.gate_proj", "mlp.up_proj"],

@@ -586,7 +586,10 @@ def _quantize_layer(
     reports: list[LinearReport] = []
     for stage in stages:
         stage_groups = [g for g in groups if g[0] in stage]
-        accs = {g[0]: HessianAccumulator(linears[g[0]].in_features, device) for g in stage_groups}
+        accs = {
+            g[0]: HessianAccumulator(linears[g[0]].in_features, device, absmax=opts.input_absmax)
+            for g in stage_groups
+        }
         passes.run(quantized, accs, progress.batch)
         for g in stage_groups:
             acc = accs[g[0]]

@@ -259,3 +259,23 @@ def test_asym_gptq_format_never_needs_zero_point_0(cli, tmp_path: Path) -> None:
                                                                  min_zero=1))  # fmt: skip
     assert int(want.zero[:, 0].min()) == 1
     assert torch.equal(dense, want.dequantize())
+
+
+def test_gptq_w8a8_static_scales_from_the_gptq_pass(cli, tok32: Path, tmp_path: Path) -> None:
+    """GPTQ with static int8 activations: each linear's input scale is the max |x| its input
+    reached in the GPTQ pass (earlier layers quantized) over 127; transformers runs the file."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "g8"
+    r = cli("quantize", tok32, "--method", "gptq", "--bits", "8", "-g", "-1", "--act-bits", "8",
+            "--act-static", "-d", "canterbury", "-n", "2", "-L", "32", "-o", out,
+            "--json")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    d = r.json()
+    assert d["format"] == "compressed-tensors" and d["activations"]["dynamic"] is False
+    t = load_file(str(out / "model.safetensors"))
+    for rep in d["layers"]:
+        got = float(t[rep["name"] + ".input_scale"].float().reshape(-1)[0])
+        assert got == pytest.approx(rep["input_absmax"] / 127.0, rel=1e-6)
+    logits = _logits(out)
+    assert torch.isfinite(logits).all()

@@ -246,9 +246,7 @@ def run_quantize(
                 scales = static_input_scales(stats, names, smoothing)
         activations = ActivationQuant(bits=8, dynamic=not o.act_static, input_scales=scales)
 
-    measure = None
-    if o.measure_dataset:
-        measure = _measurer(src, o)
+    measure = _measurer(src, o, reports) if (o.measure_dataset or reports) else None
     req = WriteRequest(
         source=ckpt,
         out_dir=o.output,
@@ -345,10 +343,28 @@ def _run_gptq(
     return res.weights, res.reports, work_path, card
 
 
-def _measurer(src: str, o: QuantizeOptions) -> Callable[[Path], dict[str, Any]]:
-    """Quality for the model card: ``qtool eval`` of the finished folder against the base."""
+def _measurer(
+    src: str, o: QuantizeOptions, reports: list[dict[str, Any]]
+) -> Callable[[Path], dict[str, Any]]:
+    """Quality for the model card: GPTQ's per-linear output errors against RTN's (measured on
+    the calibration inputs), and with ``--eval-dataset`` a ``qtool eval`` of the finished
+    folder against the base."""
 
     def measure(path: Path) -> dict[str, Any]:
+        q: dict[str, Any] = {}
+        if reports:
+            n = len(reports)
+            q["GPTQ output error, mean ||(W-Q)X||/||WX||"] = round(
+                sum(r["gptq_rel_error"] for r in reports) / n, 5
+            )
+            q["RTN output error, same scheme"] = round(
+                sum(r["rtn_rel_error"] for r in reports) / n, 5
+            )
+            q["linears where GPTQ beats RTN"] = (
+                f"{sum(r['gptq_rel_error'] < r['rtn_rel_error'] for r in reports)}/{n}"
+            )
+        if not o.measure_dataset:
+            return q
         from qtool.evaluate.runner import EvalSettings, run_eval
 
         r = run_eval(
@@ -361,15 +377,18 @@ def _measurer(src: str, o: QuantizeOptions) -> Callable[[Path], dict[str, Any]]:
             )
         )
         a = r["artifacts"][0]
-        return {
-            "eval text": f"{r['settings']['dataset']} ({r['settings']['chunks']} x "
-            f"{o.measure_ctx} tokens, {r['tokens']['scored']} scored)",
-            "base PPL": round(float(r["base"]["ppl"]), 4),
-            "PPL": round(float(a["ppl"]), 4),
-            "delta PPL": round(float(a["delta_ppl"]), 4),
-            "KLD mean": round(float(a["kld"]["mean"]), 6),
-            "KLD p99": round(float(a["kld"]["p99"]), 6),
-            "top-1 agreement": round(float(a["top1"]), 4),
-        }
+        q.update(
+            {
+                "eval text": f"{r['settings']['dataset']} ({r['settings']['chunks']} x "
+                f"{o.measure_ctx} tokens, {r['tokens']['scored']} scored)",
+                "base PPL": round(float(r["base"]["ppl"]), 4),
+                "PPL": round(float(a["ppl"]), 4),
+                "delta PPL": round(float(a["delta_ppl"]), 4),
+                "KLD mean": round(float(a["kld"]["mean"]), 6),
+                "KLD p99": round(float(a["kld"]["p99"]), 6),
+                "top-1 agreement": round(float(a["top1"]), 4),
+            }
+        )
+        return q
 
     return measure

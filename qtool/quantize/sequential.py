@@ -348,7 +348,7 @@ class _LayerPasses:
         tails: dict[str, tuple[str, int | None]] | None = None,
     ) -> None:
         self.layer = layer
-        self.tails = tails if cache_outputs else {}
+        self.tails: dict[str, tuple[str, int | None]] = (tails or {}) if cache_outputs else {}
         self.tail_linears = {ln for ln, _ in (tails or {}).values()}
         self.saved: dict[str, list[torch.Tensor]] = {}  # tail linear -> its inputs, per batch
         self.linears = linears

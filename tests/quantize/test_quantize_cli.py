@@ -155,6 +155,8 @@ def test_gptq_cli_writes_gptq_format(cli, tok32: Path, tmp_path: Path) -> None:
     assert d["gptq_better_than_rtn"] == len(d["layers"]) == 14
     q = json.loads((out / "quantize_config.json").read_text())
     assert q["bits"] == 3 and q["desc_act"] is True and q["group_size"] == 64
+    card = (out / "README.md").read_text()
+    assert "GPTQ output error" in card and "14/14" in card and "canterbury" in card
     assert not (tmp_path / "g.qtool-gptq").exists()
 
 

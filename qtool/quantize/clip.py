@@ -17,13 +17,20 @@ import torch
 from qtool.quantize.scheme import QuantScheme, fake_quantize, params_from_range
 
 
-def fit_range(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clipped range of each row of ``w`` under ``scheme.clip``."""
+def fit_range(
+    w: torch.Tensor, scheme: QuantScheme, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped range of each row of ``w`` under ``scheme.clip``. ``importance`` (``[n]`` or
+    ``[rows, n]``, e.g. the mean ``x^2`` of each weight's input channel) weights the MSE
+    search's squared errors, as llama.cpp's importance matrix weights its scale searches."""
     method = scheme.clip.method
     if method == "percentile" and scheme.clip.percentile < 100.0:
         return _percentile(w, scheme)
     lo, hi = w.amin(dim=1), w.amax(dim=1)
     if method == "mse":
+        if importance is not None:
+            imp = importance.to(device=w.device, dtype=torch.float32)
+            return _search(w, lo, hi, scheme, lambda a, b, _s: (imp * (a - b).pow(2)).sum(dim=1))
         return _search(w, lo, hi, scheme, _sq_error)
     if method == "kl":
         return _kl_search(w, lo, hi, scheme)

@@ -129,13 +129,19 @@ def _natural(name: str) -> list[Any]:
 
 
 def _rtn_loader(
-    ckpt: Checkpoint, name: str, scheme: QuantScheme, factor: torch.Tensor | None
+    ckpt: Checkpoint,
+    name: str,
+    scheme: QuantScheme,
+    factor: torch.Tensor | None,
+    importance: torch.Tensor | None,
 ) -> Callable[[], QuantizedWeight]:
     def load() -> QuantizedWeight:
         w = ckpt.read(name + ".weight").to(torch.float32)
+        imp = importance
         if factor is not None:
             w = w * factor[None, :]
-        return quantize_weight(name, w, scheme)
+            imp = None if imp is None else imp / factor.square()  # the input is x / s
+        return quantize_weight(name, w, scheme, importance=imp)
 
     return load
 
@@ -213,7 +219,10 @@ def run_quantize(
     card: dict[str, Any] = {"command": o.command, "source": src}
     smoothing: Smoothing | None = None
     stats: CalibrationStats | None = None
-    if o.smooth_alpha is not None or (o.act_static and o.method == "rtn"):
+    weighted_mse = (
+        o.method == "rtn" and o.scheme.clip.method == "mse" and (o.stats or o.calib_given)
+    )
+    if o.smooth_alpha is not None or (o.act_static and o.method == "rtn") or weighted_mse:
         stats = _stats_for(o, ckpt, log)
         ds = stats.meta.get("dataset") or {}
         card.update(dataset=ds.get("spec"), samples=ds.get("samples"), seq_len=ds.get("seq_len"))
@@ -226,8 +235,22 @@ def run_quantize(
     reports: list[dict[str, Any]] = []
     work_dir: Path | None = None
     if o.method == "rtn":
+        importance: dict[str, torch.Tensor] = {}
+        if weighted_mse:
+            assert stats is not None
+            importance = {n: _importance(stats, n) for n in names}
+            card["notes"] = (
+                card.get("notes", "") + " MSE clipping weighted by each input channel's mean "
+                "x^2 from the calibration statistics."
+            ).strip()
         weights = {
-            n: _rtn_loader(ckpt, n, o.scheme, smoothing.factors.get(n) if smoothing else None)
+            n: _rtn_loader(
+                ckpt,
+                n,
+                o.scheme,
+                smoothing.factors.get(n) if smoothing else None,
+                importance.get(n),
+            )
             for n in names
         }
     else:
@@ -281,6 +304,14 @@ def run_quantize(
             r["gptq_rel_error"] < r["rtn_rel_error"] for r in reports
         )
     return QuantizeResult(o.output, data)
+
+
+def _importance(stats: CalibrationStats, name: str) -> torch.Tensor:
+    import numpy as np
+
+    from qtool.quantize.smooth import stats_name
+
+    return torch.from_numpy(np.asarray(stats[stats_name(stats, name)].importance, np.float32))
 
 
 def _constants(tensors: dict[str, torch.Tensor]) -> dict[str, Callable[[], torch.Tensor]]:

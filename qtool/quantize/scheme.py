@@ -225,18 +225,28 @@ def fake_quantize(
     return (q - zero.to(torch.float32)) * scale
 
 
-def fit_params(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero for each row of ``w`` ``[rows, n]``, with the scheme's clipping."""
+def fit_params(
+    w: torch.Tensor, scheme: QuantScheme, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for each row of ``w`` ``[rows, n]``, with the scheme's clipping
+    (``importance``: weights of the MSE search's errors, ``[n]`` or ``[rows, n]``)."""
     from qtool.quantize.clip import fit_range
 
-    lo, hi = fit_range(w.to(torch.float32), scheme)
+    lo, hi = fit_range(w.to(torch.float32), scheme, importance)
     return params_from_range(lo, hi, scheme)
 
 
 def quantize_weight(
-    name: str, w: torch.Tensor, scheme: QuantScheme, *, chunk_rows: int = 4096
+    name: str,
+    w: torch.Tensor,
+    scheme: QuantScheme,
+    *,
+    importance: torch.Tensor | None = None,
+    chunk_rows: int = 4096,
 ) -> QuantizedWeight:
-    """Round-to-nearest quantization of a ``[out, in]`` weight under ``scheme``."""
+    """Round-to-nearest quantization of a ``[out, in]`` weight under ``scheme``.
+    ``importance`` ``[in]`` (e.g. the mean ``x^2`` of each input channel from ``qtool
+    calibrate``) weights the squared errors of ``--clip mse``."""
     scheme.check_shape(name, tuple(w.shape))
     w = w.detach().to(torch.float32)
     if not torch.isfinite(w).all():
@@ -245,8 +255,11 @@ def quantize_weight(
             f"{name}: {bad} weight(s) are NaN or infinite", hint="the checkpoint is damaged"
         )
     out, cols = w.shape
+    imp = None if importance is None else importance.detach().to(torch.float32).reshape(-1)
+    if imp is not None and imp.numel() != w.shape[1]:
+        raise BadInputError(f"{name}: {imp.numel()} importance values for {w.shape[1]} columns")
     if scheme.granularity == "tensor":
-        s, z = fit_params(w.reshape(1, -1), scheme)
+        s, z = fit_params(w.reshape(1, -1), scheme, None if imp is None else imp.repeat(w.shape[0]))
         code = quantize_codes(w.reshape(1, -1), s, z, scheme).reshape(out, cols)
         return QuantizedWeight(
             name, code, s.expand(out, 1).clone(), z.expand(out, 1).clone(), scheme
@@ -255,12 +268,19 @@ def quantize_weight(
     full = cols - cols % step
     scales, zeros, codes = [], [], []
     # the whole groups as one [out * groups, step] block, then a shorter last group if any
-    blocks = [(w[:, :full], full // step), (w[:, full:], 1)] if full < cols else [(w, cols // step)]
-    for block, n_groups in blocks:
-        rows = block.reshape(out * n_groups, -1)
+    blocks = (
+        [(0, full, full // step), (full, cols, 1)] if full < cols else [(0, cols, cols // step)]
+    )
+    for c0, c1, n_groups in blocks:
+        rows = w[:, c0:c1].reshape(out * n_groups, -1)
+        # row r is output channel r // n_groups, group r % n_groups: its columns' importance
+        imp_rows = None if imp is None else imp[c0:c1].reshape(n_groups, -1).repeat(out, 1)
         bs, bz, bc = [], [], []
-        for part in rows.split(chunk_rows):  # bounds the clip search's memory
-            s, z = fit_params(part, scheme)
+        for i, part in enumerate(rows.split(chunk_rows)):  # bounds the clip search's memory
+            part_imp = (
+                None if imp_rows is None else imp_rows[i * chunk_rows : i * chunk_rows + len(part)]
+            )
+            s, z = fit_params(part, scheme, part_imp)
             bs.append(s)
             bz.append(z)
             bc.append(quantize_codes(part, s, z, scheme))

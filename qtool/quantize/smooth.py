@@ -69,7 +69,7 @@ def _layers_prefix(ckpt: Checkpoint) -> tuple[str, int]:
     return prefix, n + 1
 
 
-def _stats_name(stats: CalibrationStats, name: str) -> str:
+def stats_name(stats: CalibrationStats, name: str) -> str:
     for cand in (name, name.replace("model.language_model.", "model."), "model." + name):
         if cand in stats.layers:
             return cand
@@ -97,7 +97,7 @@ def smoothquant(ckpt: Checkpoint, stats: CalibrationStats, alpha: float) -> Smoo
         for norm, linears in mapping:
             names = [f"{prefix}.{i}.{lin}" for lin in linears]
             act = torch.from_numpy(
-                np.asarray(stats[_stats_name(stats, names[0])].absmax, dtype=np.float32)
+                np.asarray(stats[stats_name(stats, names[0])].absmax, dtype=np.float32)
             )
             w_max = torch.zeros_like(act)
             for n in names:
@@ -124,7 +124,7 @@ def static_input_scales(
     """Per-tensor symmetric int8 input scales ``max|X / s| / 127`` for each linear."""
     scales: dict[str, float] = {}
     for n in names:
-        amax = torch.from_numpy(np.asarray(stats[_stats_name(stats, n)].absmax, dtype=np.float32))
+        amax = torch.from_numpy(np.asarray(stats[stats_name(stats, n)].absmax, dtype=np.float32))
         if smoothing is not None and n in smoothing.factors:
             amax = amax / smoothing.factors[n]
         scales[n] = max(float(amax.max()), 1e-8) / 127.0

@@ -281,3 +281,26 @@ def test_gptq_w8a8_static_scales_from_the_gptq_pass(cli, tok32: Path, tmp_path: 
         assert got == pytest.approx(rep["input_absmax"] / 127.0, rel=1e-6)
     logits = _logits(out)
     assert torch.isfinite(logits).all()
+
+
+def test_rtn_mse_weighted_by_calibration_stats(cli, tok32: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    stats = tmp_path / "s.safetensors"
+    assert (
+        cli("calibrate", tok32, "-d", "canterbury", "-n", "4", "-L", "64", "-o", stats).exit_code
+        == 0
+    )
+    outs = {}
+    for label, extra in (("plain", []), ("weighted", ["--stats", stats])):
+        out = outs[label] = tmp_path / label
+        r = cli("quantize", tok32, "--method", "rtn", "--bits", "3", "-g", "64", "--clip", "mse",
+                "--format", "compressed-tensors", "-o", out, *extra)  # fmt: skip
+        assert r.exit_code == 0, r.stderr
+    assert (
+        "weighted by each input channel's mean x^2" in (outs["weighted"] / "README.md").read_text()
+    )
+    a = load_file(str(outs["plain"] / "model.safetensors"))
+    b = load_file(str(outs["weighted"] / "model.safetensors"))
+    scale = "model.layers.0.mlp.down_proj.weight_scale"
+    assert not torch.equal(a[scale], b[scale])  # the importance changed the chosen ranges

@@ -26,6 +26,7 @@ import torch
 
 from qtool.checkpoint import Checkpoint
 from qtool.errors import BadInputError, OutputError, QToolError
+from qtool.output import get_output
 from qtool.quantize.scheme import QuantizedWeight, QuantScheme
 
 FORMATS = ("gptq", "compressed-tensors")
@@ -263,7 +264,9 @@ def _write_into(req: WriteRequest, fmt: str, tmp: Path, out: Path) -> WriteResul
     ct_layout = compressed.layout(req.activations is not None)
     act_order = False
     quantized = set(req.weights)
-    for name in src.tensors:
+    names = list(src.tensors)
+    # RTN quantizes inside the weight loaders, so this is the progress of the whole run
+    for name in get_output().track(names, f"quantizing and writing {out.name}", len(names)):
         module, _, suffix = name.rpartition(".")
         if suffix == "weight" and module in quantized:
             qw = req.weights[module]()

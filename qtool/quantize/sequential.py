@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -623,8 +623,3 @@ def _quantize_layer(
     out = passes.run(quantized, None, progress.batch)
     assert out is not None
     return results, reports, out
-
-
-def iter_layer_names(reports: list[dict[str, Any]]) -> Iterator[str]:
-    for r in reports:
-        yield str(r["name"])

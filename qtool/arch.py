@@ -132,3 +132,12 @@ def component(gguf_or_hf_name: str, ndim: int) -> str:
     if "ffn" in n or "mlp" in n:
         return "mlp"
     return "other"
+
+
+_DECODER_LINEAR = re.compile(r"(^|\.)layers\.\d+\..+\.weight$")
+
+
+def is_decoder_linear(hf_name: str, ndim: int) -> bool:
+    """A decoder layer's linear weight (``model.layers.N.self_attn.q_proj.weight``, ...): what
+    RTN, GPTQ and BitNet quantize; embeddings, norms and the output head are not."""
+    return ndim == 2 and _DECODER_LINEAR.search(hf_name) is not None

@@ -167,6 +167,15 @@ def _parts(model: nn.Module) -> _Parts:
     )
 
 
+def buffers_to(model: nn.Module, device: torch.device) -> None:
+    """Move the buffers computed at construction (rotary ``inv_freq``...) to ``device``; the
+    parameters stay on ``meta`` until :class:`WeightLoader` reads them."""
+    for mod in model.modules():
+        for bname, buf in list(mod._buffers.items()):
+            if buf is not None and buf.device.type != "meta":
+                mod._buffers[bname] = buf.to(device)
+
+
 class WeightLoader:
     """Reads a module's parameters from the checkpoint, one tensor at a time."""
 
@@ -326,11 +335,7 @@ def calibrate_layerwise(
     stage_s: dict[str, float] = {}
     total = n_layers + 2
 
-    # Buffers computed at construction (rotary inv_freq...) go to the compute device.
-    for mod in model.modules():
-        for bname, buf in list(mod._buffers.items()):
-            if buf is not None and buf.device.type != "meta":
-                mod._buffers[bname] = buf.to(device)
+    buffers_to(model, device)
 
     # -- 1. embeddings: the model's own forward, layers stubbed ---------------------------------
     s0 = time.perf_counter()

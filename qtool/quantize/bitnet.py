@@ -8,7 +8,7 @@
   eq. 1-3): ``alpha = mean(W)``, ``W~ = Sign(W - alpha)`` with ``Sign(x) = +1 if x > 0 else -1``,
   and the scale ``beta = mean |W|`` (``||W||_1 / (n m)``); the weight decodes to ``beta * W~``.
 
-The quantized tensors are the decoder layers' linear weights (:func:`is_bitnet_linear`); the
+The quantized tensors are the decoder layers' linear weights (:func:`is_decoder_linear`); the
 embeddings, the output head and the norms keep their precision, as in both papers.
 :class:`TernarizeRows` plugs b1.58 into the GGUF export (TQ1_0 / TQ2_0), and
 :mod:`qtool.quantize.formats.bitnet` writes the transformers ``bitnet`` safetensors layout.
@@ -16,24 +16,18 @@ embeddings, the output head and the norms keep their precision, as in both paper
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from qtool.arch import is_decoder_linear
 from qtool.checkpoint import Checkpoint
 from qtool.errors import BadInputError, UnsupportedError
 from qtool.output import Output
 
 EPS = 1e-5  # the paper's epsilon in W / (gamma + eps) (the value transformers' BitNet code uses)
-_LINEAR = re.compile(r"(^|\.)layers\.\d+\..+\.weight$")
-
-
-def is_bitnet_linear(hf_name: str, ndim: int) -> bool:
-    """A decoder layer's linear weight (``model.layers.N.self_attn.q_proj.weight``, ...)."""
-    return ndim == 2 and _LINEAR.search(hf_name) is not None
 
 
 @dataclass
@@ -113,7 +107,7 @@ class TernarizeRows:
 
     def __call__(self, hf_name: str, rows: np.ndarray) -> np.ndarray:
         info = self.ckpt.tensors[hf_name]
-        if not is_bitnet_linear(hf_name, len(info.shape)):
+        if not is_decoder_linear(hf_name, len(info.shape)):
             return rows
         if hf_name not in self.gammas:
             self.gammas[hf_name] = ternarize(hf_name, self.ckpt.read(hf_name)).gamma
@@ -144,7 +138,7 @@ def export_bitnet_gguf(
     fallback = [
         e.name
         for e in plan.entries
-        if is_bitnet_linear(e.hf_name, len(e.shape)) and e.qtype not in TQ_TYPES
+        if is_decoder_linear(e.hf_name, len(e.shape)) and e.qtype not in TQ_TYPES
     ]
     if fallback:
         raise UnsupportedError(

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from qtool.arch import is_decoder_linear
 from qtool.calibrate.layerwise import Progress
 from qtool.calibrate.pipeline import CalibrateOptions, calibrate, prepare
 from qtool.calibrate.statsfile import CalibrationStats, load_stats
@@ -31,7 +32,6 @@ from qtool.quantize.smooth import Smoothing, smoothquant, static_input_scales
 
 FORMATS = ("gptq", "compressed-tensors")
 GPTQ_FORMAT_BITS = (2, 3, 4, 8)
-_LAYER = re.compile(r"(^|\.)layers\.\d+\.")
 
 
 @dataclass
@@ -108,7 +108,7 @@ def quantized_names(ckpt: Checkpoint) -> list[str]:
     names = [
         n.removesuffix(".weight")
         for n, t in ckpt.tensors.items()
-        if n.endswith(".weight") and len(t.shape) == 2 and _LAYER.search(n)
+        if is_decoder_linear(n, len(t.shape))
     ]
     if not names:
         raise UnsupportedError(f"{ckpt.source}: no decoder-layer linear weights to quantize")

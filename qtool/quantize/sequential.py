@@ -36,6 +36,7 @@ from qtool.calibrate.layerwise import (
     Progress,
     WeightLoader,
     _parts,
+    buffers_to,
     build_skeleton,
     embedding_pass,
     pick_device,
@@ -506,10 +507,7 @@ def gptq_model(
     n_layers = len(parts.layers)
     batches = list(ids.split(max(1, opts.batch_size)))
     total = n_layers + 1
-    for mod in model.modules():
-        for bname, buf in list(mod._buffers.items()):
-            if buf is not None and buf.device.type != "meta":
-                mod._buffers[bname] = buf.to(device)
+    buffers_to(model, device)
 
     progress.stage("embeddings", 0, total, len(batches))
     s0 = time.perf_counter()

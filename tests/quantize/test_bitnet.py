@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qtool.errors import BadInputError, UnsupportedError
-from qtool.quantize.bitnet import EPS, binarize, is_bitnet_linear, ternarize
+from qtool.quantize.bitnet import EPS, binarize, is_decoder_linear, ternarize
 from qtool.quantize.formats.bitnet import pack_ternary, unpack_ternary, write_bitnet_checkpoint
 from tests.export.helpers import build_tiny, llama_logits
 
@@ -58,11 +58,11 @@ def test_bad_weights_raise() -> None:
 
 
 def test_linear_selection() -> None:
-    assert is_bitnet_linear("model.layers.3.self_attn.q_proj.weight", 2)
-    assert is_bitnet_linear("model.layers.0.mlp.down_proj.weight", 2)
-    assert not is_bitnet_linear("model.layers.0.input_layernorm.weight", 1)
-    assert not is_bitnet_linear("model.embed_tokens.weight", 2)
-    assert not is_bitnet_linear("lm_head.weight", 2)
+    assert is_decoder_linear("model.layers.3.self_attn.q_proj.weight", 2)
+    assert is_decoder_linear("model.layers.0.mlp.down_proj.weight", 2)
+    assert not is_decoder_linear("model.layers.0.input_layernorm.weight", 1)
+    assert not is_decoder_linear("model.embed_tokens.weight", 2)
+    assert not is_decoder_linear("lm_head.weight", 2)
 
 
 def test_pack_round_trip_and_layout() -> None:
@@ -147,7 +147,7 @@ def _reference_model(src: Path, decoded: dict[str, tuple[str, np.ndarray]]):
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if is_bitnet_linear(name, p.ndim):
+            if is_decoder_linear(name, p.ndim):
                 p.copy_(ternarize(name, p.to(torch.bfloat16)).dequantize())
         model.model.embed_tokens.weight.copy_(torch.from_numpy(decoded["token_embd.weight"][1]))
         model.lm_head.weight.copy_(torch.from_numpy(decoded["output.weight"][1]))
@@ -185,7 +185,7 @@ def _bitlinear_reference(src: Path):
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and is_bitnet_linear(name + ".weight", 2):
+        if isinstance(mod, torch.nn.Linear) and is_decoder_linear(name + ".weight", 2):
             tw = ternarize(name, mod.weight.detach())
             t, inv_gamma = tw.codes.float(), float(np.float32(1.0 / tw.gamma))
 
@@ -232,7 +232,7 @@ def _check_bitnet_checkpoint(src: Path, dst: Path, compiled: bool) -> None:
     ):
         for name in g.keys():  # noqa: SIM118
             w = g.get_tensor(name)
-            if is_bitnet_linear(name, w.ndim):
+            if is_decoder_linear(name, w.ndim):
                 tw = ternarize(name, w)
                 packed = f.get_tensor(name)
                 assert packed.dtype == torch.uint8 and packed.shape[0] * 4 == w.shape[0]
@@ -296,7 +296,7 @@ def test_safetensors_binary_dense(tiny_bitnet_src: Path, tmp_path: Path) -> None
     )
     assert src_file and set(src) == set(out)
     for name, w in src.items():
-        if is_bitnet_linear(name, w.ndim):
+        if is_decoder_linear(name, w.ndim):
             bw = binarize(name, w)
             assert out[name].dtype == w.dtype
             assert torch.equal(out[name], (bw.codes.float() * bw.beta).to(w.dtype))

@@ -37,7 +37,7 @@ import torch
 
 from qtool.checkpoint import Checkpoint
 from qtool.errors import BadInputError, OutputError, UnsupportedError
-from qtool.quantize.bitnet import binarize, is_bitnet_linear, ternarize
+from qtool.quantize.bitnet import binarize, is_decoder_linear, ternarize
 
 Variant = Literal["ternary", "binary"]
 VALUES_PER_BYTE = 4
@@ -82,7 +82,7 @@ def _tensors(ckpt: Checkpoint, variant: Variant) -> Iterator[tuple[str, torch.Te
     """(name, tensor) to write, in checkpoint order, one source tensor read at a time."""
     for name, info in ckpt.tensors.items():
         w = ckpt.read(name)
-        if not is_bitnet_linear(name, len(info.shape)):
+        if not is_decoder_linear(name, len(info.shape)):
             yield name, w
             continue
         if variant == "binary":
@@ -101,7 +101,7 @@ def _planned(ckpt: Checkpoint, variant: Variant) -> list[tuple[str, str, tuple[i
     """(name, safetensors dtype, shape) of every output tensor, known before any data."""
     rows: list[tuple[str, str, tuple[int, ...]]] = []
     for name, info in ckpt.tensors.items():
-        if variant == "ternary" and is_bitnet_linear(name, len(info.shape)):
+        if variant == "ternary" and is_decoder_linear(name, len(info.shape)):
             out, cols = info.shape
             if out % VALUES_PER_BYTE:
                 raise UnsupportedError(

@@ -6,6 +6,11 @@ to uint8 ``(n_blocks, type_size)`` and ``dequantize_blocks`` maps back. Types wh
 quantizer takes an importance matrix also implement ``quantize_blocks_imatrix`` (the per-column
 weights arrive already laid out like the blocks). Subclassing registers the codec by type name.
 
+Quantized types also expose their grid for GPTQ-style solvers, on encoded blocks ``q``:
+``affine(q)`` gives per-weight ``scale`` and ``offset`` and the code range ``[lo, hi]`` such that
+each weight decodes to ``scale * code + offset``; ``codes(q)`` reads the integer codes in that
+convention; ``with_codes(q, codes)`` writes new codes and leaves every header field as it was.
+
 Rows stream through in chunks of about ``CHUNK_VALUES`` floats, so memory stays bounded for any
 tensor size, and chunks are spread over threads. Each codec has a reference path (vectorised
 numpy, always available) and may have a fast path (numba, ``kernels/_fast.py``); both produce the
@@ -67,6 +72,52 @@ class Codec:
         """uint8 (n_blocks, type_size) -> float32 (n_blocks, block_size)."""
         raise NotImplementedError
 
+    # --- the block grid (quantized types only) ------------------------------------------------
+
+    # [lo, hi] of the integer codes in :meth:`codes`' convention; None for the float types.
+    code_range: ClassVar[tuple[int, int] | None] = None
+
+    def affine(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """uint8 (n_blocks, type_size) -> ``(scale, offset, lo, hi)``.
+
+        ``scale`` and ``offset`` are float32 (n_blocks, block_size): weight ``i`` decodes to
+        ``scale[i] * code[i] + offset[i]`` with an integer code in ``[lo, hi]``. A block whose
+        fp16 scale fields are inf or NaN has no such form (its scale/offset come out non-finite).
+        """
+        raise NotImplementedError(f"{self.qtype.name} is not a grid of integer codes")
+
+    def codes(self, q: np.ndarray) -> np.ndarray:
+        """uint8 (n_blocks, type_size) -> int32 (n_blocks, block_size): the stored codes."""
+        raise NotImplementedError(f"{self.qtype.name} is not a grid of integer codes")
+
+    def with_codes(self, q: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """A copy of ``q`` whose quant bits hold ``codes`` (integers in ``[lo, hi]``, shaped
+        (n_blocks, block_size)); scales, mins and every other header field are left as they are.
+        """
+        raise NotImplementedError(f"{self.qtype.name} is not a grid of integer codes")
+
+    def _checked_codes(self, q: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """``codes`` as int32 (n_blocks, block_size); CodecInputError on a bad shape or value."""
+        qt = self.qtype
+        assert self.code_range is not None
+        lo, hi = self.code_range
+        c = np.asarray(codes)
+        if c.shape != (q.shape[0], qt.block_size):
+            raise CodecInputError(
+                f"{qt.name}: codes have shape {c.shape}, expected {(q.shape[0], qt.block_size)}"
+            )
+        if c.dtype.kind not in "iu":
+            raise CodecInputError(f"{qt.name}: codes must be integers, got dtype {c.dtype}")
+        if c.size:
+            bad = (c < lo) | (c > hi)
+            if bad.any():
+                b, i = np.unravel_index(int(np.argmax(bad)), c.shape)
+                raise CodecInputError(
+                    f"{qt.name}: code {int(c[b, i])} at (block {b}, index {i}) is outside "
+                    f"[{lo}, {hi}]"
+                )
+        return c.astype(np.int32, copy=False)
+
     def fast_kernel(self, weighted: bool) -> Callable[..., None] | None:
         """A compiled ``kernel(rows, imatrix, out)`` for whole rows, or None (numpy only).
 
@@ -94,6 +145,14 @@ class Codec:
         else:
             q = self.quantize_blocks(x)
         return q.reshape(r, -1)
+
+    def quantize_part(
+        self, rows: np.ndarray, imatrix: np.ndarray | None, sigma2: np.ndarray | None
+    ) -> np.ndarray:
+        """Blocks cut from longer rows (GPTQ fits one block at a time). Only the legacy types'
+        imatrix weights look beyond a block (the row's mean square ``sigma2``); the others
+        encode the blocks as they are."""
+        return self.quantize(rows, imatrix)
 
     def _rows_per_chunk(self, n: int) -> int:
         return max(1, CHUNK_VALUES // n)

@@ -4,6 +4,11 @@ Each super-block stores quantized per-block scales (and mins) plus one or two fp
 Without an importance matrix each type matches ``quantize_row_<type>_ref``; with one it matches
 ``quantize_row_<type>_impl`` (what ``quantize_<type>`` calls when ``quant_weights`` is set).
 The searches themselves live in ``_search.py``; this file is layouts, scales and packing.
+
+Codes (``affine`` / ``codes`` / ``with_codes``), per weight of sub-block j: Q2_K 0..3, scale
+d * sc_j, offset -dmin * m_j; Q3_K 0..7 (the 2 low bits plus 4 * the hmask bit), scale
+d * (sc_j - 32), offset -4 * scale; Q4_K/Q5_K 0..15/0..31, scale d * s_j, offset -dmin * m_j;
+Q6_K 0..63, scale d * sc_j, offset -32 * scale.
 """
 
 from __future__ import annotations
@@ -51,6 +56,11 @@ def _unpack_2bit(qs: np.ndarray) -> np.ndarray:
     q = qs.reshape(-1, 2, 1, 32)
     shifts = np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
     return ((q >> shifts) & 3).reshape(-1, QK_K)
+
+
+def _per_weight(v: np.ndarray, sub: int) -> np.ndarray:
+    """(nb, n_sub) per-sub-block values -> (nb, n_sub * sub) per weight."""
+    return np.repeat(v, sub, axis=1)
 
 
 def _requant(
@@ -123,14 +133,35 @@ class Q2_K(Codec, type_name="Q2_K"):
             [sc, _pack_2bit(L.reshape(-1, QK_K)), _f16_bytes(d), _f16_bytes(dmin)], axis=1
         )
 
-    def dequantize_blocks(self, q: np.ndarray) -> np.ndarray:
+    code_range = (0, 3)
+
+    @staticmethod
+    def _scales(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(dl, ml), each (nb, 16): ``d * (sc & 0xF)`` and ``dmin * (sc >> 4)``."""
         sc = q[:, :16]
-        L = _unpack_2bit(q[:, 16:80]).reshape(-1, 16, 16)
-        d = _f16_at(q, 80)[:, None]
-        dmin = _f16_at(q, 82)[:, None]
-        dl = (d * (sc & 0xF).astype(F32))[..., None]
-        ml = (dmin * (sc >> 4).astype(F32))[..., None]
-        return (dl * L.astype(F32) - ml).reshape(-1, QK_K)
+        dl = _f16_at(q, 80)[:, None] * (sc & 0xF).astype(F32)
+        ml = _f16_at(q, 82)[:, None] * (sc >> 4).astype(F32)
+        return dl, ml
+
+    def affine(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """scale d * sc_j, offset -dmin * m_j, codes 0..3 (ggml: ``dl * q - ml``, the same
+        float)."""
+        dl, ml = self._scales(q)
+        return _per_weight(dl, 16), _per_weight(-ml, 16), 0, 3
+
+    def codes(self, q: np.ndarray) -> np.ndarray:
+        return _unpack_2bit(q[:, 16:80]).astype(np.int32)
+
+    def with_codes(self, q: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        c = self._checked_codes(q, codes)
+        out = q.copy()
+        out[:, 16:80] = _pack_2bit(c)
+        return out
+
+    def dequantize_blocks(self, q: np.ndarray) -> np.ndarray:
+        dl, ml = self._scales(q)
+        L = self.codes(q).reshape(-1, 16, 16).astype(F32)
+        return (dl[..., None] * L - ml[..., None]).reshape(-1, QK_K)
 
 
 # --- Q3_K ------------------------------------------------------------------------------------
@@ -185,23 +216,52 @@ class Q3_K(Codec, type_name="Q3_K"):
         sdec = _q3_scales(sc)  # what C reads back (equals ls - 32 when ls is 0..63)
         dd = fp16_round(d)[:, None] * sdec.astype(F32)
         L = _requant(x.reshape(-1, 16, 16), L, dd, None, -4, 3).reshape(nb, QK_K)
-        high = (L > 3).reshape(nb, 8, 32)
-        hmask = np.zeros((nb, 32), np.uint8)
-        for b in range(8):
-            hmask |= high[:, b].astype(np.uint8) << b
-        L = np.where(L > 3, L - 4, L)
-        return np.concatenate([hmask, _pack_2bit(L), sc, _f16_bytes(d)], axis=1)
+        return np.concatenate([_pack_q3(L), sc, _f16_bytes(d)], axis=1)
+
+    code_range = (0, 7)
+
+    @staticmethod
+    def _scales(q: np.ndarray) -> np.ndarray:
+        """dl = d * (sc_j - 32), (nb, 16)."""
+        return _f16_at(q, 108)[:, None] * _q3_scales(q[:, 96:108]).astype(F32)
+
+    def affine(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """scale d * (sc_j - 32), offset -4 * scale, codes 0..7. ggml computes
+        ``dl * (q - 4)``: the same float for a finite d (every product here is exact)."""
+        scale = _per_weight(self._scales(q), 16)
+        return scale, F32(-4) * scale, 0, 7
+
+    def codes(self, q: np.ndarray) -> np.ndarray:
+        return _unpack_q3(q[:, :96])
+
+    def with_codes(self, q: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        c = self._checked_codes(q, codes)
+        out = q.copy()
+        out[:, :96] = _pack_q3(c)
+        return out
 
     def dequantize_blocks(self, q: np.ndarray) -> np.ndarray:
         nb = q.shape[0]
-        hmask = q[:, :32]
-        L = _unpack_2bit(q[:, 32:96]).astype(np.int32)
-        s = _q3_scales(q[:, 96:108]).astype(np.int32)
-        d = _f16_at(q, 108)
-        bits = (hmask[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
-        L = L - 4 * (1 - bits.reshape(nb, QK_K).astype(np.int32))
-        dl = d[:, None] * s.astype(F32)
-        return (dl[..., None] * L.reshape(nb, 16, 16).astype(F32)).reshape(nb, QK_K)
+        L = (self.codes(q) - 4).reshape(nb, 16, 16).astype(F32)
+        return (self._scales(q)[..., None] * L).reshape(nb, QK_K)
+
+
+def _pack_q3(L: np.ndarray) -> np.ndarray:
+    """(nb, 256) codes 0..7 -> (nb, 96): hmask (bit b of byte m = bit 2 of L[32b + m]), then
+    the low 2 bits with :func:`_pack_2bit`."""
+    L = L.astype(np.uint8)
+    high = ((L >> 2) & 1).reshape(-1, 8, 32) << np.arange(8, dtype=np.uint8)[None, :, None]
+    hmask = np.bitwise_or.reduce(high, axis=1)
+    return np.concatenate([hmask, _pack_2bit(L & 3)], axis=1)
+
+
+def _unpack_q3(qb: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_pack_q3`: (nb, 96) -> (nb, 256) int32 codes 0..7."""
+    nb = qb.shape[0]
+    bits = (qb[:, None, :32] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
+    return _unpack_2bit(qb[:, 32:96]).astype(np.int32) | (
+        bits.reshape(nb, QK_K).astype(np.int32) << 2
+    )
 
 
 def _q3_scales(sc: np.ndarray) -> np.ndarray:
@@ -295,19 +355,40 @@ class _K4(Codec):
         return np.concatenate([head, self._pack_quants(L.reshape(-1, 4, 2, 32))], axis=1)
 
     def _pack_quants(self, L: np.ndarray) -> np.ndarray:
+        """(nb, 4, 2, 32) codes -> the quant bytes after the 16-byte header."""
         raise NotImplementedError
 
     def _unpack_quants(self, q: np.ndarray) -> np.ndarray:
+        """Whole blocks -> (nb, 4, 2, 32) codes (inverse of :meth:`_pack_quants`)."""
         raise NotImplementedError
 
-    def dequantize_blocks(self, q: np.ndarray) -> np.ndarray:
-        d = _f16_at(q, 0)[:, None]
-        dmin = _f16_at(q, 2)[:, None]
+    @staticmethod
+    def _scales(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(d1, m1), each (nb, 8): ``d * s_j`` and ``dmin * m_j``."""
         s, m = _unpack_k4_scales(q[:, 4:16])
-        d1 = (d * s.astype(F32))[..., None]
-        m1 = (dmin * m.astype(F32))[..., None]
-        L = self._unpack_quants(q).reshape(-1, 8, 32).astype(F32)
-        return (d1 * L - m1).reshape(-1, QK_K)
+        d1 = _f16_at(q, 0)[:, None] * s.astype(F32)
+        m1 = _f16_at(q, 2)[:, None] * m.astype(F32)
+        return d1, m1
+
+    def affine(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """scale d * s_j, offset -dmin * m_j, codes 0..nmax (ggml: ``d1 * q - m1``, the same
+        float)."""
+        d1, m1 = self._scales(q)
+        return _per_weight(d1, 32), _per_weight(-m1, 32), 0, self.nmax
+
+    def codes(self, q: np.ndarray) -> np.ndarray:
+        return self._unpack_quants(q).reshape(-1, QK_K).astype(np.int32)
+
+    def with_codes(self, q: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        c = self._checked_codes(q, codes)
+        out = q.copy()
+        out[:, 16:] = self._pack_quants(c.reshape(-1, 4, 2, 32))
+        return out
+
+    def dequantize_blocks(self, q: np.ndarray) -> np.ndarray:
+        d1, m1 = self._scales(q)
+        L = self.codes(q).reshape(-1, 8, 32).astype(F32)
+        return (d1[..., None] * L - m1[..., None]).reshape(-1, QK_K)
 
 
 # Q4_K, 144 bytes per 256 weights (8 blocks of 32):
@@ -319,6 +400,7 @@ class Q4_K(_K4, type_name="Q4_K"):
     """4-bit affine k-quant."""
 
     nmax = 15
+    code_range = (0, 15)
     ref_search = (-1.0, 0.1, 20)
     clamp_imatrix_scales = False
 
@@ -341,6 +423,7 @@ class Q5_K(_K4, type_name="Q5_K"):
     """5-bit affine k-quant."""
 
     nmax = 31
+    code_range = (0, 31)
     ref_search = (-0.5, 0.1, 15)
     clamp_imatrix_scales = True
 
@@ -395,30 +478,61 @@ class Q6_K(Codec, type_name="Q6_K"):
         sc = np.where(live[:, None], ((sc + 128) & 0xFF) - 128, 0).astype(np.int8)
         dd = fp16_round(d)[:, None] * sc.astype(F32)
         L = _requant(x.reshape(nb, 16, 16), L.reshape(nb, 16, 16), dd, None, -32, 31)
-        L = np.where(live[:, None, None], L, 0).astype(np.uint8).reshape(nb, 2, 4, 32)
-        ql = np.concatenate(
-            [
-                (L[:, :, 0] & 0xF) | ((L[:, :, 2] & 0xF) << 4),
-                (L[:, :, 1] & 0xF) | ((L[:, :, 3] & 0xF) << 4),
-            ],
-            axis=2,
-        ).reshape(nb, 128)
-        qh = (
-            (L[:, :, 0] >> 4)
-            | ((L[:, :, 1] >> 4) << 2)
-            | ((L[:, :, 2] >> 4) << 4)
-            | ((L[:, :, 3] >> 4) << 6)
-        ).reshape(nb, 64)
-        return np.concatenate([ql, qh, sc.view(np.uint8), _f16_bytes(d)], axis=1)
+        L = np.where(live[:, None, None], L, 0)
+        return np.concatenate([_pack_q6(L), sc.view(np.uint8), _f16_bytes(d)], axis=1)
+
+    code_range = (0, 63)
+
+    @staticmethod
+    def _scales(q: np.ndarray) -> np.ndarray:
+        """dl = d * sc_j, (nb, 16)."""
+        return _f16_at(q, 208)[:, None] * q[:, 192:208].view(np.int8).astype(F32)
+
+    def affine(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """scale d * sc_j, offset -32 * scale, codes 0..63. ggml computes ``d * sc * (q - 32)``:
+        the same float for a finite d (every product here is exact in float32)."""
+        scale = _per_weight(self._scales(q), 16)
+        return scale, F32(-32) * scale, 0, 63
+
+    def codes(self, q: np.ndarray) -> np.ndarray:
+        return _unpack_q6(q[:, :192])
+
+    def with_codes(self, q: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        c = self._checked_codes(q, codes)
+        out = q.copy()
+        out[:, :192] = _pack_q6(c)
+        return out
 
     def dequantize_blocks(self, q: np.ndarray) -> np.ndarray:
         nb = q.shape[0]
-        ql = q[:, :128].reshape(nb, 2, 2, 32)  # (h, k', l)
-        qh = q[:, 128:192].reshape(nb, 2, 1, 32)
-        sc = q[:, 192:208].view(np.int8).astype(F32)
-        d = _f16_at(q, 208)
-        low = np.concatenate([ql & 0xF, ql >> 4], axis=2)  # k = 0,1 low nibbles; 2,3 high
-        top = (qh >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)) & 3
-        L = (low | (top << 4)).astype(np.int32) - 32
-        dl = d[:, None] * sc  # (nb, 16)
-        return (dl.reshape(nb, 16, 1) * L.reshape(nb, 16, 16).astype(F32)).reshape(nb, QK_K)
+        L = (self.codes(q) - 32).reshape(nb, 16, 16).astype(F32)
+        return (self._scales(q)[..., None] * L).reshape(nb, QK_K)
+
+
+def _pack_q6(L: np.ndarray) -> np.ndarray:
+    """(nb, 256) codes 0..63 (any shape holding them in order) -> (nb, 192): ql then qh."""
+    L = L.astype(np.uint8).reshape(-1, 2, 4, 32)  # (h, k, l)
+    ql = np.concatenate(
+        [
+            (L[:, :, 0] & 0xF) | ((L[:, :, 2] & 0xF) << 4),
+            (L[:, :, 1] & 0xF) | ((L[:, :, 3] & 0xF) << 4),
+        ],
+        axis=2,
+    ).reshape(-1, 128)
+    qh = (
+        (L[:, :, 0] >> 4)
+        | ((L[:, :, 1] >> 4) << 2)
+        | ((L[:, :, 2] >> 4) << 4)
+        | ((L[:, :, 3] >> 4) << 6)
+    ).reshape(-1, 64)
+    return np.concatenate([ql, qh], axis=1)
+
+
+def _unpack_q6(qb: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_pack_q6`: (nb, 192) -> (nb, 256) int32 codes 0..63."""
+    nb = qb.shape[0]
+    ql = qb[:, :128].reshape(nb, 2, 2, 32)  # (h, k', l)
+    qh = qb[:, 128:192].reshape(nb, 2, 1, 32)
+    low = np.concatenate([ql & 0xF, ql >> 4], axis=2)  # k = 0,1 low nibbles; 2,3 high
+    top = (qh >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)) & 3
+    return (low | (top << 4)).astype(np.int32).reshape(nb, QK_K)

@@ -5,6 +5,10 @@ extreme values). With one, Q4_0/Q4_1/Q5_0/Q5_1 match ``quantize_row_<type>_impl`
 ``qw[j] * sqrt(sigma2 + x[j]^2)`` with ``sigma2`` the mean square of the whole row, then the
 ``make_qx_quants`` / ``make_qkx3_quants`` search. Q8_0 ignores the importance matrix, as
 ``quantize_q8_0`` does.
+
+Codes (``affine`` / ``codes`` / ``with_codes``): Q8_0 the stored int8, -128..127, offset 0;
+Q4_0/Q5_0 the stored unsigned nibble/5-bit value, 0..15/0..31, offset -8d/-16d; Q4_1/Q5_1 the
+stored 0..15/0..31, scale d, offset m.
 """
 
 from __future__ import annotations
@@ -28,6 +32,21 @@ def _f16_values(q: np.ndarray, at: int) -> np.ndarray:
 
 def _nibbles(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return (lo.astype(np.uint8) & 0x0F) | ((hi.astype(np.uint8) & 0x0F) << 4)
+
+
+def _pack4(L: np.ndarray) -> np.ndarray:
+    """(nb, 32) values 0..15 -> (nb, 16): byte j = L[j] | L[j + 16] << 4."""
+    return _nibbles(L[:, :16], L[:, 16:])
+
+
+def _unpack4(qs: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_pack4`: (nb, 16) bytes -> (nb, 32) int32."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int32)
+
+
+def _pack5(L: np.ndarray) -> np.ndarray:
+    """(nb, 32) values 0..31 -> (nb, 20): the u32 of high bits, then the nibbles as Q4_0."""
+    return np.concatenate([_high_bits(L), _pack4(L)], axis=1)
 
 
 def _trunc_u8(v: np.ndarray) -> np.ndarray:
@@ -65,6 +84,20 @@ class _Legacy(Codec):
         """The imatrix variant, given the final per-element weights (row statistics folded in)."""
         raise NotImplementedError
 
+    def quantize_part(
+        self, rows: np.ndarray, imatrix: np.ndarray | None, sigma2: np.ndarray | None
+    ) -> np.ndarray:
+        """Blocks that are part of longer rows whose mean square (``sigma2``, one per row) the
+        imatrix weights use, as :meth:`quantize_rows` computes it over the whole row."""
+        if imatrix is None or sigma2 is None:
+            return super().quantize_part(rows, imatrix, sigma2)
+        r, n = rows.shape
+        nb = n // QK
+        s2 = np.repeat(np.asarray(sigma2, dtype=F32), nb)
+        x = rows.reshape(-1, QK)
+        qw = np.broadcast_to(imatrix.reshape(1, nb, QK), (r, nb, QK)).reshape(-1, QK)
+        return self.quantize_weighted(x, _weights(x, qw, s2)).reshape(r, -1)
+
 
 # Q8_0, 34 bytes: | d: fp16 | qs[32]: int8 |          x = d * q
 # Matches quantize_row_q8_0_ref / dequantize_row_q8_0.
@@ -81,9 +114,26 @@ class Q8_0(Codec, type_name="Q8_0"):
         q = np.copysign(np.floor(np.abs(v).astype(np.float64) + 0.5), v).astype(np.int8)
         return np.concatenate([_f16_bytes(d), q.view(np.uint8)], axis=1)
 
+    code_range = (-128, 127)
+
+    def affine(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """scale d, offset 0, codes -128..127 (ggml: ``q * d``, the same float)."""
+        d = _f16_values(q, 0)
+        scale = np.repeat(d, QK, axis=1)
+        return scale, np.zeros_like(scale), -128, 127
+
+    def codes(self, q: np.ndarray) -> np.ndarray:
+        return q[:, 2:].view(np.int8).astype(np.int32)
+
+    def with_codes(self, q: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        c = self._checked_codes(q, codes)
+        out = q.copy()
+        out[:, 2:] = c.astype(np.int8).view(np.uint8)
+        return out
+
     def dequantize_blocks(self, q: np.ndarray) -> np.ndarray:
         d = _f16_values(q, 0)
-        return q[:, 2:].view(np.int8).astype(F32) * d
+        return self.codes(q).astype(F32) * d
 
 
 # Q4_0, 18 bytes: | d: fp16 | qs[16]: byte j = q[j] (low nibble) | q[j+16] << 4 |
@@ -98,17 +148,32 @@ class Q4_0(_Legacy, type_name="Q4_0"):
         with np.errstate(divide="ignore"):
             idv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
         L = np.minimum(15, _trunc_u8(x * idv[:, None] + F32(8.5)))
-        return np.concatenate([_f16_bytes(d), _nibbles(L[:, :16], L[:, 16:])], axis=1)
+        return np.concatenate([_f16_bytes(d), _pack4(L)], axis=1)
 
     def quantize_weighted(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         d, L = _search.make_qx_quants(x, 8, w)
-        return np.concatenate([_f16_bytes(d), _nibbles(L[:, :16], L[:, 16:])], axis=1)
+        return np.concatenate([_f16_bytes(d), _pack4(L)], axis=1)
+
+    code_range = (0, 15)
+
+    def affine(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """scale d, offset -8d, codes 0..15. ggml computes ``(q - 8) * d``: the same float for a
+        finite d (every product here is exact in float32)."""
+        d = np.repeat(_f16_values(q, 0), QK, axis=1)
+        return d, F32(-8) * d, 0, 15
+
+    def codes(self, q: np.ndarray) -> np.ndarray:
+        return _unpack4(q[:, 2:18])
+
+    def with_codes(self, q: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        c = self._checked_codes(q, codes)
+        out = q.copy()
+        out[:, 2:18] = _pack4(c)
+        return out
 
     def dequantize_blocks(self, q: np.ndarray) -> np.ndarray:
         d = _f16_values(q, 0)
-        qs = q[:, 2:18]
-        L = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int32) - 8
-        return L.astype(F32) * d
+        return (self.codes(q) - 8).astype(F32) * d
 
 
 # Q4_1, 20 bytes: | d: fp16 | m: fp16 | qs[16]: q[j] | q[j+16] << 4 |     x = d * q + m
@@ -123,22 +188,32 @@ class Q4_1(_Legacy, type_name="Q4_1"):
         with np.errstate(divide="ignore"):
             idv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
         L = np.minimum(15, _trunc_u8((x - mn[:, None]) * idv[:, None] + F32(0.5)))
-        return np.concatenate(
-            [_f16_bytes(d), _f16_bytes(mn), _nibbles(L[:, :16], L[:, 16:])], axis=1
-        )
+        return np.concatenate([_f16_bytes(d), _f16_bytes(mn), _pack4(L)], axis=1)
 
     def quantize_weighted(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         d, the_min, L = _search.make_qkx_quants(x, w, 15, -0.9, 0.05, 36, False, False)
-        return np.concatenate(
-            [_f16_bytes(d), _f16_bytes(-the_min), _nibbles(L[:, :16], L[:, 16:])], axis=1
-        )
+        return np.concatenate([_f16_bytes(d), _f16_bytes(-the_min), _pack4(L)], axis=1)
+
+    code_range = (0, 15)
+
+    def affine(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """scale d, offset m, codes 0..15 (ggml: ``q * d + m``, the same float)."""
+        d = np.repeat(_f16_values(q, 0), QK, axis=1)
+        return d, np.repeat(_f16_values(q, 2), QK, axis=1), 0, 15
+
+    def codes(self, q: np.ndarray) -> np.ndarray:
+        return _unpack4(q[:, 4:20])
+
+    def with_codes(self, q: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        c = self._checked_codes(q, codes)
+        out = q.copy()
+        out[:, 4:20] = _pack4(c)
+        return out
 
     def dequantize_blocks(self, q: np.ndarray) -> np.ndarray:
         d = _f16_values(q, 0)
         m = _f16_values(q, 2)
-        qs = q[:, 4:20]
-        L = np.concatenate([qs & 0x0F, qs >> 4], axis=1)
-        return L.astype(F32) * d + m
+        return self.codes(q).astype(F32) * d + m
 
 
 # Q5_0, 22 bytes: | d: fp16 | qh: u32, bit j = bit 4 of q[j] | qs[16]: low nibbles as Q4_0 |
@@ -161,13 +236,28 @@ class Q5_0(_Legacy, type_name="Q5_0"):
 
     @staticmethod
     def _pack(d: np.ndarray, L: np.ndarray) -> np.ndarray:
-        return np.concatenate(
-            [_f16_bytes(d), _high_bits(L), _nibbles(L[:, :16], L[:, 16:])], axis=1
-        )
+        return np.concatenate([_f16_bytes(d), _pack5(L)], axis=1)
+
+    code_range = (0, 31)
+
+    def affine(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """scale d, offset -16d, codes 0..31. ggml computes ``(q - 16) * d``: the same float for
+        a finite d (every product here is exact in float32)."""
+        d = np.repeat(_f16_values(q, 0), QK, axis=1)
+        return d, F32(-16) * d, 0, 31
+
+    def codes(self, q: np.ndarray) -> np.ndarray:
+        return _unpack5(q, 2).astype(np.int32)
+
+    def with_codes(self, q: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        c = self._checked_codes(q, codes)
+        out = q.copy()
+        out[:, 2:22] = _pack5(c)
+        return out
 
     def dequantize_blocks(self, q: np.ndarray) -> np.ndarray:
         d = _f16_values(q, 0)
-        return (_unpack5(q, 2).astype(np.int32) - 16).astype(F32) * d
+        return (self.codes(q) - 16).astype(F32) * d
 
 
 # Q5_1, 24 bytes: | d: fp16 | m: fp16 | qh: u32 high bits | qs[16]: low nibbles |
@@ -191,14 +281,28 @@ class Q5_1(_Legacy, type_name="Q5_1"):
 
     @staticmethod
     def _pack(d: np.ndarray, m: np.ndarray, L: np.ndarray) -> np.ndarray:
-        return np.concatenate(
-            [_f16_bytes(d), _f16_bytes(m), _high_bits(L), _nibbles(L[:, :16], L[:, 16:])], axis=1
-        )
+        return np.concatenate([_f16_bytes(d), _f16_bytes(m), _pack5(L)], axis=1)
+
+    code_range = (0, 31)
+
+    def affine(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """scale d, offset m, codes 0..31 (ggml: ``q * d + m``, the same float)."""
+        d = np.repeat(_f16_values(q, 0), QK, axis=1)
+        return d, np.repeat(_f16_values(q, 2), QK, axis=1), 0, 31
+
+    def codes(self, q: np.ndarray) -> np.ndarray:
+        return _unpack5(q, 4).astype(np.int32)
+
+    def with_codes(self, q: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        c = self._checked_codes(q, codes)
+        out = q.copy()
+        out[:, 4:24] = _pack5(c)
+        return out
 
     def dequantize_blocks(self, q: np.ndarray) -> np.ndarray:
         d = _f16_values(q, 0)
         m = _f16_values(q, 2)
-        return _unpack5(q, 4).astype(F32) * d + m
+        return self.codes(q).astype(F32) * d + m
 
 
 def _unpack5(q: np.ndarray, at: int) -> np.ndarray:

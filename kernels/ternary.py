@@ -2,6 +2,8 @@
 
 Both take d = max|x| and q = lroundf(x / d) + 1 in {0, 1, 2}; they differ in packing. llama.cpp
 ignores the importance matrix for both (``quantize_tq1_0`` / ``quantize_tq2_0``), and so do we.
+
+Codes (``affine`` / ``codes`` / ``with_codes``): the stored trit q in 0..2, scale d, offset -d.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from qtool.kernels._numeric import F32, fp16_bits
 from qtool.kernels.codec import Codec
+from qtool.kernels.kquants import _pack_2bit, _unpack_2bit
 from qtool.kernels.types import QK_K
 
 
@@ -62,24 +65,42 @@ def _unbase3(b: np.ndarray, n: int) -> np.ndarray:
 class TQ1_0(Codec, type_name="TQ1_0"):
     """1.6875 bits per weight ternary."""
 
-    def quantize_blocks(self, x: np.ndarray) -> np.ndarray:
-        nb = x.shape[0]
-        d, q = _trits(x)
-        a = q[:, :160].reshape(nb, 5, 32).transpose(0, 2, 1)  # (nb, m, n)
-        b = q[:, 160:240].reshape(nb, 5, 16).transpose(0, 2, 1)
-        c = q[:, 240:256].reshape(nb, 4, 4).transpose(0, 2, 1)
-        return np.concatenate(
-            [_base3_bytes(a), _base3_bytes(b), _base3_bytes(c, True), _f16_bytes(d)], axis=1
-        )
+    code_range = (0, 2)
 
-    def dequantize_blocks(self, q: np.ndarray) -> np.ndarray:
+    def quantize_blocks(self, x: np.ndarray) -> np.ndarray:
+        d, q = _trits(x)
+        return np.concatenate([_pack_tq1(q), _f16_bytes(d)], axis=1)
+
+    def affine(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """scale d, offset -d, codes 0..2. ggml computes ``(q - 1) * d``: the same value for a
+        finite d (its middle code gives d's signed zero where ``d - d`` gives +0)."""
+        d = np.repeat(_f16_at(q, 52), QK_K, axis=1)
+        return d, -d, 0, 2
+
+    def codes(self, q: np.ndarray) -> np.ndarray:
         nb = q.shape[0]
-        d = _f16_at(q, 52)
         a = _unbase3(q[:, :32], 5).transpose(0, 2, 1).reshape(nb, 160)
         b = _unbase3(q[:, 32:48], 5).transpose(0, 2, 1).reshape(nb, 80)
         c = _unbase3(q[:, 48:52], 4).transpose(0, 2, 1).reshape(nb, 16)
-        t = np.concatenate([a, b, c], axis=1) - 1
-        return t.astype(F32) * d
+        return np.concatenate([a, b, c], axis=1).astype(np.int32)
+
+    def with_codes(self, q: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        c = self._checked_codes(q, codes)
+        out = q.copy()
+        out[:, :52] = _pack_tq1(c)
+        return out
+
+    def dequantize_blocks(self, q: np.ndarray) -> np.ndarray:
+        return (self.codes(q) - 1).astype(F32) * _f16_at(q, 52)
+
+
+def _pack_tq1(q: np.ndarray) -> np.ndarray:
+    """(nb, 256) trits 0..2 -> the 52 packed bytes of TQ1_0 (qs, then qh)."""
+    nb = q.shape[0]
+    a = q[:, :160].reshape(nb, 5, 32).transpose(0, 2, 1)  # (nb, m, n)
+    b = q[:, 160:240].reshape(nb, 5, 16).transpose(0, 2, 1)
+    c = q[:, 240:256].reshape(nb, 4, 4).transpose(0, 2, 1)
+    return np.concatenate([_base3_bytes(a), _base3_bytes(b), _base3_bytes(c, True)], axis=1)
 
 
 # TQ2_0, 66 bytes per 256 weights:
@@ -89,16 +110,28 @@ class TQ1_0(Codec, type_name="TQ1_0"):
 class TQ2_0(Codec, type_name="TQ2_0"):
     """2.0625 bits per weight ternary."""
 
+    code_range = (0, 2)
+
     def quantize_blocks(self, x: np.ndarray) -> np.ndarray:
-        nb = x.shape[0]
         d, q = _trits(x)
-        q4 = (q & 3).astype(np.uint8).reshape(nb, 2, 4, 32)
-        qs = q4[:, :, 0] | (q4[:, :, 1] << 2) | (q4[:, :, 2] << 4) | (q4[:, :, 3] << 6)
-        return np.concatenate([qs.reshape(nb, 64), _f16_bytes(d)], axis=1)
+        return np.concatenate([_pack_2bit(q), _f16_bytes(d)], axis=1)
+
+    def affine(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """scale d, offset -d, codes 0..2. ggml computes ``(q - 1) * d``: the same value for a
+        finite d (its middle code gives d's signed zero where ``d - d`` gives +0). The 2-bit
+        field could hold 3 (decoding to 2d); llama.cpp never writes it and ``with_codes``
+        refuses it."""
+        d = np.repeat(_f16_at(q, 64), QK_K, axis=1)
+        return d, -d, 0, 2
+
+    def codes(self, q: np.ndarray) -> np.ndarray:
+        return _unpack_2bit(q[:, :64]).astype(np.int32)
+
+    def with_codes(self, q: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        c = self._checked_codes(q, codes)
+        out = q.copy()
+        out[:, :64] = _pack_2bit(c)
+        return out
 
     def dequantize_blocks(self, q: np.ndarray) -> np.ndarray:
-        nb = q.shape[0]
-        d = _f16_at(q, 64)
-        qs = q[:, :64].reshape(nb, 2, 1, 32)
-        t = (qs >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)) & 3
-        return (t.reshape(nb, QK_K).astype(np.int32) - 1).astype(F32) * d
+        return (self.codes(q) - 1).astype(F32) * _f16_at(q, 64)

@@ -1,3 +1,3 @@
-from qtool.cli.app import main
+from qtool.cli import main
 
 main()

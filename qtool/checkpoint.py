@@ -106,6 +106,12 @@ class Checkpoint:
     remote_bytes: int | None = None  # size of weights not downloaded (header-only Hub reads)
 
     @property
+    def hf_layout(self) -> bool:
+        """Tensors with Hugging Face names and layout (a safetensors checkpoint, or a GGUF file
+        seen through :class:`qtool.models.gguf_view.GGUFView`)."""
+        return self.format == "safetensors"
+
+    @property
     def bytes_on_disk(self) -> int:
         """Bytes of the weight files (for a header-only Hub read, their size on the Hub)."""
         if self.remote_bytes is not None:
@@ -351,15 +357,26 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     base = 8 + n
     out: dict[str, TensorInfo] = {}
     end = 0
+    if not isinstance(header, dict):
+        raise CorruptFileError(f"{path}: corrupt safetensors header (not a JSON object)")
     for name, t in header.items():
         if name == "__metadata__":
             continue
         try:
             start, stop = t["data_offsets"]
-            shape = tuple(int(d) for d in t["shape"])
+            shape = tuple(t["shape"])
             dtype = t["dtype"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise CorruptFileError(f"{path}: corrupt header entry for {name}") from e
+            valid = (
+                isinstance(dtype, str)
+                and all(type(d) is int and d >= 0 for d in shape)
+                and type(start) is int
+                and type(stop) is int
+                and 0 <= start <= stop
+            )
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise CorruptFileError(f"{path}: corrupt header entry for {name}")
         numel = 1
         for d in shape:
             numel *= d

@@ -11,10 +11,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from qtool.arch import ModelSpec, component, gguf_name
 from qtool.checkpoint import Checkpoint
 from qtool.kernels.types import get_type
-from qtool.policy import ModelFacts, plan_types
+from qtool.models import Family, family_for
+from qtool.models.spec import ModelSpec, component
+from qtool.policy import facts_for, plan_types
 
 GIB = 2**30
 # Reserve per GPU for the CUDA context, allocator slack and fragmentation.
@@ -39,25 +40,18 @@ DTYPE_BYTES = {
 
 @dataclass(frozen=True)
 class Tensor:
-    """A tensor as the report sees it: its name in the checkpoint, llama.cpp name, shape."""
+    """A tensor as the report sees it: its name in the checkpoint, llama.cpp name, shape, and
+    whether it is a decoder linear (what GPTQ / INT8 formats quantize: the family's
+    :meth:`~qtool.models.Family.is_linear`)."""
 
     name: str
     gguf: str
     shape: tuple[int, ...]
+    is_linear: bool = False
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
-
-    @property
-    def is_linear(self) -> bool:
-        """A decoder-layer projection matrix: what GPTQ / INT8 formats quantize."""
-        return (
-            len(self.shape) == 2
-            and self.gguf.startswith("blk.")
-            and ("attn_" in self.gguf or "ffn_" in self.gguf)
-            and not self.gguf.endswith("_norm.weight")
-        )
 
 
 @dataclass
@@ -72,15 +66,16 @@ class FormatSize:
 def model_tensors(ckpt: Checkpoint, spec: ModelSpec) -> list[Tensor]:
     """The checkpoint's tensors with llama.cpp names; a tied lm_head is counted once."""
     out = []
+    family = family_for(ckpt.config, strict=False)
     for info in ckpt.tensors.values():
-        g = gguf_name(info.name, spec.model_type, spec.n_layers) or info.name
+        g = family.gguf_name(info.name) or info.name
         if spec.tied_embeddings and g == "output.weight":
             continue  # stored twice by some checkpoints; tied weights are one parameter
-        out.append(Tensor(info.name, g, info.shape))
+        out.append(Tensor(info.name, g, info.shape, family.is_linear(info.name, info.shape)))
     return out
 
 
-def weight_formats(tensors: Sequence[Tensor], spec: ModelSpec) -> list[FormatSize]:
+def weight_formats(tensors: Sequence[Tensor], family: Family) -> list[FormatSize]:
     n_params = sum(t.numel for t in tensors)
 
     def fmt(name: str, nbytes: float, **kw: object) -> FormatSize:
@@ -98,7 +93,7 @@ def weight_formats(tensors: Sequence[Tensor], spec: ModelSpec) -> list[FormatSiz
         ),
     ]
     for preset in GGUF_PRESETS_REPORTED:
-        rows.append(gguf_size(tensors, spec, preset))
+        rows.append(gguf_size(tensors, family, preset))
     for bits in (4, 3):
         rows.append(
             fmt(
@@ -110,10 +105,10 @@ def weight_formats(tensors: Sequence[Tensor], spec: ModelSpec) -> list[FormatSiz
     return rows
 
 
-def gguf_size(tensors: Sequence[Tensor], spec: ModelSpec, preset: str) -> FormatSize:
+def gguf_size(tensors: Sequence[Tensor], family: Family, preset: str) -> FormatSize:
     """Bytes of a GGUF file's tensor data under ``preset`` as llama-quantize would type it,
     from an F16 conversion (1-D tensors stay F32, as llama.cpp's converter writes them)."""
-    facts = policy_facts(spec)
+    facts = facts_for(family)
     entries = [(t.gguf, t.shape, "F32" if len(t.shape) == 1 else "F16") for t in tensors]
     types = plan_types(entries, preset, facts)
     total = 0
@@ -143,14 +138,6 @@ def gptq_bytes(t: Tensor, bits: int, group: int) -> int:
     scales = groups * out_f * 2  # fp16 [groups, out]
     g_idx = in_f * 4  # int32 [in]
     return qweight + qzeros + scales + g_idx
-
-
-def policy_facts(spec: ModelSpec) -> ModelFacts:
-    return ModelFacts(
-        n_layers=spec.n_layers,
-        n_gqa=spec.n_gqa,
-        is_70b=spec.model_type in ("llama", "mistral") and spec.n_layers == 80 and spec.n_gqa > 1,
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,8 +237,9 @@ def build_report(
         c = component(t.gguf, len(t.shape))
         by_component[c] = by_component.get(c, 0) + t.numel
     by_dtype: dict[str, int] = {}
+    family = family_for(ckpt.config, strict=False)
     for info in ckpt.tensors.values():
-        g = gguf_name(info.name, spec.model_type, spec.n_layers) or info.name
+        g = family.gguf_name(info.name) or info.name
         if spec.tied_embeddings and g == "output.weight":
             continue
         by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.numel
@@ -262,7 +250,7 @@ def build_report(
         )
     kv = kv_cache_bytes(spec, ctx, batch, DTYPE_BYTES[cache_name])
     acts = activation_bytes(spec, ctx, batch)
-    formats = weight_formats(tensors, spec)
+    formats = weight_formats(tensors, family_for(ckpt.config, strict=False))
     runtime_rows = []
     for f in formats:
         total = f.bytes + kv + acts

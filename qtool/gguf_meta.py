@@ -1,4 +1,5 @@
-"""Read a GGUF file's metadata and tensor index in one sequential pass over its header.
+"""Read a GGUF file: its metadata and tensor index in one sequential pass over its header, and
+its tensors decoded exactly (:func:`read_gguf_tensor`, through qtool's codecs).
 
 gguf-py's ``GGUFReader`` builds a numpy view per field part, which takes tens of seconds for a
 262k-token vocabulary (Gemma 3); ``inspect`` and ``eval`` only need the header, so it is parsed
@@ -12,6 +13,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from qtool.checkpoint import TensorInfo
 from qtool.errors import CorruptFileError
@@ -143,3 +146,29 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
         shape = tuple(int(d) for d in reversed(dims))
         tensors[name] = TensorInfo(name, shape, qtype.name, nbytes, path, start)
     return meta, tensors
+
+
+def dequantize_rows(data: np.ndarray, qtype: str, n: int, name: str) -> np.ndarray:
+    """GGUF block bytes (rows, row_bytes) -> float32 (rows, n), through qtool's codecs."""
+    from qtool.kernels import CodecInputError, dequantize
+
+    try:
+        return dequantize(data, qtype, n, name=name)
+    except CodecInputError as e:
+        raise CorruptFileError(f"cannot decode GGUF tensor {name}: {e}") from e
+
+
+def read_gguf_tensor(ckpt: Any, gguf_tensor: str) -> np.ndarray:
+    """One GGUF tensor as float32 in PyTorch order, decoded from its block bytes."""
+    info = ckpt.tensors[gguf_tensor]
+    n = info.shape[-1]
+    rows = info.numel // n
+    if info.nbytes % rows:
+        raise CorruptFileError(
+            f"{info.file}: tensor {gguf_tensor} has {info.nbytes} bytes, not a whole number of "
+            f"its {rows} rows",
+            hint="re-download or re-export the file",
+        )
+    raw = np.memmap(info.file, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
+    data = np.asarray(raw).reshape(rows, info.nbytes // rows)
+    return dequantize_rows(data, info.dtype, n, gguf_tensor).reshape(info.shape)

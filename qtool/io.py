@@ -1,59 +1,139 @@
-"""Atomic output: write to a temporary name beside the target, then rename.
+"""The one atomic writer: outputs are made under a temporary name beside the target, then renamed.
 
-A crash, a full disk or Ctrl-C leaves either the old file or no file, never half of one.
+A crash, a full disk or Ctrl-C leaves either the previous output or none, never half of one.
+Files (:func:`atomic_path`, :func:`atomic_file`) and folders (:func:`atomic_dir`) work the same
+way; an existing output is replaced only once the new one is complete, so running the same
+command twice replaces the earlier result.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from qtool.errors import BadInputError, OutputError
+from qtool.errors import BadInputError, OutputError, QToolError
 
 
-def check_writable(path: Path) -> None:
-    """Fail early, before any work, if ``path`` cannot be created."""
-    parent = path.expanduser().resolve().parent
+def check_writable(path: Path | str, *, folder: bool = False) -> None:
+    """Fail early, before any work, if ``path`` cannot be created. ``folder``: the output is
+    a folder (an existing folder is replaced; an existing file is an error), else a file."""
+    path = Path(path).expanduser()
+    parent = path.resolve().parent
     if not parent.is_dir():
         raise BadInputError(f"{path}: the folder {parent} does not exist", hint="create it first")
     if not os.access(parent, os.W_OK):
         raise BadInputError(f"{path}: {parent} is not writable", hint="choose another output path")
-    if path.is_dir():
+    if folder and path.exists() and not path.is_dir():
+        raise BadInputError(f"{path}: exists and is not a folder", hint="choose a folder name")
+    if not folder and path.is_dir():
         raise BadInputError(f"{path}: is a folder; give a file name")
 
 
+def output_error(path: Path | str, e: OSError) -> OutputError:
+    """An OSError while writing ``path`` as one line (a full disk says so)."""
+    if e.errno == errno.ENOSPC:
+        return OutputError(f"{path}: no space left on device", hint="free space and retry")
+    return OutputError(f"{path}: could not write ({e.strerror or e})")
+
+
 @contextmanager
-def atomic_output(path: Path | str, mode: str = "wb") -> Iterator[BinaryIO]:
-    """Open a temporary file next to ``path``; rename it over ``path`` on success only."""
-    path = Path(path).expanduser()
-    check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+def _os_errors(path: Path) -> Iterator[None]:
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f  # type: ignore[misc]
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        yield
+    except QToolError:
+        raise
     except OSError as e:
-        _unlink(tmp)
-        if e.errno == errno.ENOSPC:
+        raise output_error(path, e) from e
+    except Exception as e:  # safetensors raises its own error type for I/O failures
+        if "No space left" in str(e):
             raise OutputError(
                 f"{path}: no space left on device", hint="free space and retry"
             ) from e
-        raise OutputError(f"{path}: could not write ({e.strerror or e})") from e
-    except BaseException:
-        _unlink(tmp)
         raise
 
 
-def _unlink(tmp: str) -> None:
+@contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """A temporary file name beside ``path``; renamed over ``path`` if the block succeeds,
+    removed otherwise. For writers that take a file name (safetensors, gguf-py)."""
+    path = Path(path).expanduser()
+    check_writable(path)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
+        with _os_errors(path):
+            yield tmp
+            os.chmod(tmp, 0o644)  # mkstemp made it private; the output is an ordinary file
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_file(path: Path | str, mode: str = "wb") -> Iterator[BinaryIO]:
+    """An open temporary file beside ``path``, flushed, synced and renamed on success."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f  # type: ignore[misc]
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_dir(path: Path | str) -> Iterator[Path]:
+    """A temporary folder beside ``path``; on success it replaces ``path`` (an existing folder
+    goes only after the new one is in place), on failure it is removed."""
+    out = Path(path).expanduser().resolve()
+    check_writable(out, folder=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise output_error(out, e) from e
+    try:
+        with _os_errors(out):
+            yield tmp
+            _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    for f in tmp.rglob("*"):
+        os.chmod(f, 0o755 if f.is_dir() else 0o644)
+    os.chmod(tmp, 0o755)
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.replace(out, old / out.name)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        os.replace(old / out.name, out)  # put the previous output back
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_tensors(tensors: dict, path: Path | str, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` through :func:`atomic_path`."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def write_text(path: Path | str, text: str) -> None:
+    """A small text file (JSON state, YAML), atomically."""
+    with atomic_file(path) as f:
+        f.write(text.encode("utf-8"))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from qtool.kernels.types import get_type
 
@@ -142,6 +143,17 @@ class ModelFacts:
     n_expert: int = 0
     is_70b: bool = False
     is_falcon: bool = False
+
+
+def facts_for(family: Any) -> ModelFacts:
+    """The facts of a model family (:class:`qtool.models.Family`) the type choices depend on."""
+    n_gqa = family.n_head // max(1, family.n_head_kv)
+    return ModelFacts(
+        n_layers=family.n_layers,
+        n_gqa=n_gqa,
+        n_expert=int(family.get("num_local_experts", "num_experts", default=0) or 0),
+        is_70b=family.gguf_arch == "llama" and family.n_layers == 80 and n_gqa > 1,
+    )
 
 
 def fallback(name: str, n_cols: int, qtype: str) -> str:

@@ -72,8 +72,8 @@ def main() -> int:
 
     from qtool.calibrate.datasets import load_tokenizer
     from qtool.calibrate.imatrix import entries_from_stats, load_imatrix
-    from qtool.calibrate.layerwise import calibrate_layerwise
     from qtool.checkpoint import open_checkpoint
+    from qtool.runner.layers import calibrate_layerwise
 
     a = assets()
     hf = Path(a["smollm2_hf"])

@@ -1,37 +1,12 @@
-"""Calibration: activation statistics and importance matrices (``qtool calibrate``).
+"""Calibration: the data, the streaming statistics, and their files.
 
-Public surface:
+- :mod:`.datasets`: named, local and Hub calibration sets, deterministic samples;
+- :mod:`.stats`: accumulators fed by hooks (input statistics, the one Hessian accumulator);
+- :mod:`.statsfile`: the stats file (:func:`~.statsfile.load_stats`, :class:`~.statsfile.
+  CalibrationStats`); :mod:`.imatrix`: llama.cpp's importance matrix, read and written;
+- :mod:`.pipeline`: ``qtool calibrate`` (:func:`~.pipeline.prepare`, :func:`~.pipeline.calibrate`,
+  :func:`~.pipeline.run_calibrate`); ``qtool.api.calibrate`` is the public entry point.
 
-- :func:`load_stats` / :class:`CalibrationStats`: read a stats file, checked against a model
-  (``quantize`` and ``export`` call it);
-- :func:`prepare` + :func:`calibrate` with :class:`CalibrateOptions`: the pipeline the CLI runs;
-- :func:`save_stats`, :func:`imatrix_of`, :func:`save_imatrix`, :func:`load_imatrix`: outputs.
+Nothing is imported here, so the light modules (``imatrix``, ``statsfile``) load without the
+layer runner.
 """
-
-from __future__ import annotations
-
-from qtool.calibrate.imatrix import Imatrix, ImatrixEntry, load_imatrix, save_imatrix
-from qtool.calibrate.pipeline import CalibrateOptions, calibrate, imatrix_of, prepare
-from qtool.calibrate.stats import LinearStats
-from qtool.calibrate.statsfile import (
-    CalibrationStats,
-    StatsMismatchError,
-    load_stats,
-    save_stats,
-)
-
-__all__ = [
-    "CalibrateOptions",
-    "CalibrationStats",
-    "Imatrix",
-    "ImatrixEntry",
-    "LinearStats",
-    "StatsMismatchError",
-    "calibrate",
-    "imatrix_of",
-    "load_imatrix",
-    "load_stats",
-    "prepare",
-    "save_imatrix",
-    "save_stats",
-]

@@ -30,10 +30,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from qtool.arch import gguf_name
 from qtool.calibrate.stats import LinearStats
 from qtool.errors import BadInputError, CorruptFileError
-from qtool.io import atomic_output
+from qtool.io import atomic_file
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
@@ -91,7 +90,10 @@ def entries_from_stats(
 def gguf_weight_name(module: str, model_type: str, n_layers: int) -> str | None:
     """llama.cpp's weight name for an HF linear module (``model.layers.0.self_attn.q_proj`` ->
     ``blk.0.attn_q.weight``), via gguf-py's tensor-name map."""
-    return gguf_name(f"{module}.weight", model_type, n_layers)
+    from qtool.models import family_for
+
+    family = family_for({"model_type": model_type, "num_hidden_layers": n_layers}, strict=False)
+    return family.gguf_name(f"{module}.weight")
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +175,7 @@ def write_legacy_imatrix(f: BinaryIO, im: Imatrix) -> None:
 def save_imatrix(path: Path | str, im: Imatrix) -> None:
     """Write ``im`` atomically: GGUF, or the legacy format when ``path`` ends in ``.dat``."""
     path = Path(path)
-    with atomic_output(path) as f:
+    with atomic_file(path) as f:
         if path.suffix == ".dat":
             write_legacy_imatrix(f, im)
         else:
@@ -277,3 +279,30 @@ def _load_legacy(path: Path) -> Imatrix:
             (ln,) = take("<i")
             datasets = [data[pos : pos + ln].decode("utf-8", "replace")]
     return Imatrix(entries, datasets, int(chunks), 0)
+
+
+def read_imatrix(path: Path | str) -> dict[str, np.ndarray]:
+    """name (llama.cpp tensor name) -> float32 per-column importance, as llama-quantize
+    derives it from the file (``ImatrixEntry.importance``)."""
+    return {n: e.importance.reshape(-1) for n, e in load_imatrix(path).entries.items()}
+
+
+def check_imatrix(
+    imatrix: dict[str, np.ndarray], columns: dict[str, int], path: Path | str
+) -> None:
+    """Refuse an imatrix made for another model: names must be this model's and lengths match."""
+    from qtool.errors import BadInputError
+
+    known = [n for n in imatrix if n in columns]
+    if not known:
+        raise BadInputError(
+            f"{path}: none of its {len(imatrix)} entries name a tensor of this model",
+            hint="was it computed for another model? re-run `qtool calibrate` on this one",
+        )
+    for n in known:
+        if imatrix[n].size % columns[n]:
+            raise BadInputError(
+                f"{path}: entry {n} has {imatrix[n].size} values but the tensor has "
+                f"{columns[n]} columns",
+                hint="the imatrix belongs to another model",
+            )

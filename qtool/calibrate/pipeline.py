@@ -7,6 +7,8 @@ tokenizer/vocab) runs before the model does, so a bad run stops in seconds and w
 from __future__ import annotations
 
 import datetime as _dt
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,6 @@ from typing import Any
 import torch
 
 from qtool import __version__
-from qtool.arch import ModelSpec
 from qtool.calibrate.datasets import (
     Samples,
     load_documents,
@@ -23,7 +24,6 @@ from qtool.calibrate.datasets import (
     resolve_dataset,
 )
 from qtool.calibrate.imatrix import Imatrix, entries_from_stats, gguf_weight_name
-from qtool.calibrate.layerwise import DTYPES, Progress, calibrate_layerwise, pick_device
 from qtool.calibrate.stats import HIST_BINS
 from qtool.calibrate.statsfile import (
     FORMAT,
@@ -34,6 +34,9 @@ from qtool.calibrate.statsfile import (
 )
 from qtool.checkpoint import Checkpoint, open_checkpoint
 from qtool.errors import BadInputError, UnsupportedError
+from qtool.events import SILENT, Reporter
+from qtool.models.spec import ModelSpec
+from qtool.runner.layers import DTYPES, calibrate_layerwise, pick_device
 
 
 @dataclass
@@ -79,7 +82,7 @@ def prepare(
     if opts.batch_size < 1:
         raise BadInputError(f"--batch-size {opts.batch_size}: must be at least 1")
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src, revision=revision)
-    if ckpt.format != "safetensors":
+    if not ckpt.hf_layout:
         raise UnsupportedError(
             f"{ckpt.source}: calibrate runs the model from safetensors, not {ckpt.format}",
             hint="pass the Hugging Face checkpoint folder or repo id (for a GGUF file, use "
@@ -128,7 +131,7 @@ def _has_tokenizer(root: Path) -> bool:
 
 
 def calibrate(
-    prep: Prepared, opts: CalibrateOptions, *, progress: Progress | None = None
+    prep: Prepared, opts: CalibrateOptions, *, progress: Reporter | None = None
 ) -> CalibrationStats:
     """Run the model layer by layer on the prepared samples and gather the statistics."""
     device = pick_device(opts.device)
@@ -153,7 +156,8 @@ def calibrate(
         "format": FORMAT,
         "version": VERSION,
         "qtool_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        # no wall-clock time unless SOURCE_DATE_EPOCH names one: the same run, the same bytes
+        **({"created": created} if (created := _created()) else {}),
         "model": {**model_identity(prep.ckpt), "weight_sample_tensors": sample_names},
         "dataset": prep.dataset,
         "tokenizer": prep.tokenizer,
@@ -161,11 +165,23 @@ def calibrate(
         "device": result.device,
         "dtype": result.dtype,
         "torch_version": torch.__version__,
-        "seconds": round(result.seconds, 3),
         "hist_bins": HIST_BINS,
         "hessian": opts.hessian,
     }
-    return CalibrationStats(meta, result.stats, sample, None, gguf_names)
+    cal = CalibrationStats(meta, result.stats, sample, None, gguf_names)
+    cal.seconds = result.seconds
+    return cal
+
+
+def _created() -> str | None:
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if not epoch:
+        return None
+    try:
+        t = _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc)
+    except (ValueError, OverflowError):
+        raise BadInputError(f"SOURCE_DATE_EPOCH={epoch!r}: not a Unix time") from None
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def imatrix_of(cal: CalibrationStats, *, include_output: bool = False) -> Imatrix:
@@ -189,3 +205,84 @@ def imatrix_of(cal: CalibrationStats, *, include_output: bool = False) -> Imatri
         chunk_count=int(d["samples"]),
         chunk_size=int(d["seq_len"]),
     )
+
+
+def _stem(src: str) -> str:
+    p = Path(src)
+    name = p.name if p.exists() else src.rstrip("/").split("/")[-1]
+    return (p.stem if p.suffix in (".gguf", ".safetensors") else name) or "model"
+
+
+def run_calibrate(
+    src: str,
+    opts: CalibrateOptions,
+    *,
+    output: Path | None = None,
+    imatrix: Path | None = None,
+    imatrix_output: bool = False,
+    revision: str | None = None,
+    top: int = 10,
+    outlier_factor: float = 20.0,
+    reporter: Reporter = SILENT,
+) -> tuple[dict[str, Any], CalibrationStats]:
+    """``qtool calibrate``: samples, statistics, the stats file (``output``, default
+    ``./MODEL.calib.safetensors``) and the imatrix (``imatrix``), both written or neither."""
+    from qtool.calibrate.imatrix import save_imatrix
+    from qtool.calibrate.stats import outlier_rows
+    from qtool.calibrate.statsfile import save_stats
+    from qtool.io import check_writable
+
+    stats_path = output or Path(f"{_stem(src)}.calib.safetensors")
+    check_writable(stats_path)
+    if imatrix is not None:
+        check_writable(imatrix)
+        if imatrix.expanduser().resolve() == stats_path.expanduser().resolve():
+            raise BadInputError(f"--imatrix {imatrix}: the same path as the stats file")
+    if top < 0 or outlier_factor <= 1:
+        raise BadInputError("--top must be >= 0 and --outlier-factor > 1")
+    t0 = time.perf_counter()
+    prep = prepare(src, opts, revision=revision)
+    for note in prep.notes:
+        reporter.warn(note)
+    if opts.hessian:
+        sp = prep.spec
+        inter = sp.intermediate or 4 * sp.hidden
+        per_layer = 2 * sp.hidden**2 + (sp.n_heads * sp.head_dim) ** 2 + inter**2
+        size = 4 * per_layer * sp.n_layers
+        if size > 2 * 2**30:
+            reporter.warn(
+                f"--hessian keeps {size / 2**30:.1f} GiB of Σ x xᵀ in memory and in the stats "
+                "file (float32, one per distinct input)"
+            )
+    d = prep.dataset
+    reporter.info(
+        f"calibrating {prep.ckpt.source}: {d['samples']} samples x {d['seq_len']} tokens of "
+        f"{d['spec']} ({d['stream_tokens']:,} tokens, {d['windows_available']} windows; "
+        f"tokens sha256 {d['tokens_sha256'][:16]})"
+    )
+    cal = calibrate(prep, opts, progress=reporter)
+    im = imatrix_of(cal, include_output=imatrix_output) if imatrix is not None else None
+    save_stats(stats_path, cal)
+    if im is not None and imatrix is not None:
+        try:
+            save_imatrix(imatrix, im)
+        except BaseException:
+            stats_path.unlink(missing_ok=True)  # both outputs or neither
+            raise
+    reporter.info(f"wrote {stats_path}" + (f" and {imatrix}" if imatrix else ""))
+    rows = outlier_rows(cal.layers.values(), factor=outlier_factor, top=top)
+    data: dict[str, Any] = {
+        "model": prep.ckpt.source,
+        "stats_file": str(stats_path),
+        "imatrix_file": str(imatrix) if imatrix else None,
+        "imatrix_entries": len(im.entries) if im else None,
+        "dataset": d,
+        "tokens_seen": cal.tokens,
+        "linear_layers": len(cal.layers),
+        "device": cal.meta["device"],
+        "dtype": cal.meta["dtype"],
+        "seconds": round(time.perf_counter() - t0, 2),
+        "outlier_factor": outlier_factor,
+        "outliers": rows,
+    }
+    return data, cal

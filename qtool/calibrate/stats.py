@@ -44,6 +44,54 @@ class NonFiniteError(QToolError):
     """An activation was inf or nan (overflow in a low-precision forward, or broken weights)."""
 
 
+class HessianAccumulator:
+    """``sum x x^T`` over every input row a layer sees, added batch by batch (the GPTQ
+    reference's ``add_batch``); :meth:`hessian` returns ``2/n sum x x^T``. The one accumulator
+    of input second moments: GPTQ's Hessians and ``qtool calibrate --hessian`` both use it.
+
+    The matrix is symmetric, so only its upper blocks are computed (at most 4 column blocks of at
+    least ``BLOCK`` columns): with 4 blocks that is 10 of 16 block products, 37.5% fewer FLOPs
+    on what is, with the forward itself, the cost of a GPTQ layer. ``dtype``: float32 (GPTQ's,
+    as the reference code) or float64."""
+
+    BLOCK = 256
+
+    def __init__(
+        self,
+        columns: int,
+        device: torch.device,
+        *,
+        absmax: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.sum = torch.zeros(columns, columns, dtype=dtype, device=device)
+        # per-channel max |x|, for static activation scales (off unless asked: it costs a pass)
+        self.absmax = torch.zeros(columns, dtype=torch.float32, device=device) if absmax else None
+        self.rows = 0
+        n = max(1, min(4, columns // self.BLOCK))
+        edges = [round(i * columns / n) for i in range(n + 1)]
+        self.blocks = list(zip(edges[:-1], edges[1:], strict=True))
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.sum.dtype)
+        for a, (i0, i1) in enumerate(self.blocks):
+            xi = x[:, i0:i1]
+            for j0, j1 in self.blocks[a:]:
+                self.sum[i0:i1, j0:j1].addmm_(xi.T, x[:, j0:j1])
+        if self.absmax is not None:
+            self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0).float())
+        self.rows += x.shape[0]
+
+    def xtx(self) -> torch.Tensor:
+        """``sum x x^T`` (both triangles)."""
+        return torch.triu(self.sum) + torch.triu(self.sum, diagonal=1).T
+
+    def hessian(self) -> torch.Tensor:
+        if self.rows == 0:
+            raise QToolError("GPTQ: a layer received no calibration input")
+        return self.xtx() * (2.0 / self.rows)
+
+
 class InputAccumulator:
     """Running statistics of one linear layer's input channels."""
 
@@ -59,9 +107,7 @@ class InputAccumulator:
         self.hist = torch.zeros(bins, dtype=torch.int64, device=device)
         self.hist_range = 0.0
         self.hessian = (
-            torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
-            if hessian
-            else None
+            HessianAccumulator(in_features, device, dtype=torch.float64) if hessian else None
         )
 
     @torch.no_grad()
@@ -82,7 +128,7 @@ class InputAccumulator:
             r = rows.float()
             self.sum_sq += r.square().sum(0).double()
             if self.hessian is not None:
-                self.hessian += (r.T @ r).double()
+                self.hessian.add(r)
             self._hist_add(r.abs().flatten())
 
     def _grow_hist(self, peak: float) -> None:
@@ -121,7 +167,7 @@ class InputAccumulator:
             max=self.max.cpu().numpy(),
             hist=self.hist.cpu().numpy(),
             hist_range=self.hist_range,
-            hessian=None if self.hessian is None else self.hessian.float().cpu().numpy(),
+            hessian=None if self.hessian is None else self.hessian.xtx().float().cpu().numpy(),
         )
 
 

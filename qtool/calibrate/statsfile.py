@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from qtool.arch import ModelSpec
 from qtool.calibrate.stats import LinearStats
 from qtool.checkpoint import Checkpoint, open_checkpoint
 from qtool.errors import BadInputError, CorruptFileError
-from qtool.io import atomic_output
+from qtool.io import atomic_file
+from qtool.models.spec import ModelSpec
 
 FORMAT = "qtool.calibration"
 VERSION = 1
@@ -70,6 +70,7 @@ class CalibrationStats:
     weight_sample: np.ndarray | None = None
     path: Path | None = None
     gguf_names: dict[str, str] = field(default_factory=dict)  # HF module -> GGUF weight name
+    seconds: float | None = None  # how long the calibration took (reported, not stored)
 
     @property
     def tokens(self) -> int:
@@ -183,7 +184,7 @@ def save_stats(path: Path | str, cal: CalibrationStats) -> None:
         for name, s in cal.layers.items()
     }
     blob = save(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
-    with atomic_output(path) as f:
+    with atomic_file(path) as f:
         f.write(blob)
 
 

@@ -1,0 +1,17 @@
+"""The ``qtool`` command line. ``main`` is the console entry point: it is kept light (the
+command modules import torch and friends only when a command runs) and it turns Ctrl-C at any
+moment, start-up included, into one line and exit code 130."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        from qtool.cli.app import run
+
+        run(argv)
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        sys.exit(130)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,56 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qtool.calibrate.imatrix import save_imatrix
-from qtool.calibrate.layerwise import Progress
-from qtool.calibrate.pipeline import CalibrateOptions, calibrate, imatrix_of, prepare
-from qtool.calibrate.stats import outlier_rows
-from qtool.calibrate.statsfile import save_stats
 from qtool.cli.options import JsonFlag, Revision, Source
-from qtool.errors import BadInputError
-from qtool.io import check_writable
-from qtool.output import Output, get_output
-
-
-class StageBars(Progress):
-    """Progress on stderr: on a terminal two bars, the stages (embeddings, each layer, norm)
-    with the overall ETA and the batches of the current stage; elsewhere (logs, CI) one line
-    per stage with its time and the ETA."""
-
-    def __init__(self, out: Output, bar: Any) -> None:
-        self.out = out
-        self.bar = bar
-        self.live = bar is not None
-        self.total_task: Any = None
-        self.stage_task: Any = None
-        self.t0 = time.perf_counter()
-        self.done = 0
-        self.total = 0
-
-    def stage(self, name: str, index: int, total: int, batches: int) -> None:
-        self.total = total
-        if not self.live:
-            return
-        if self.total_task is None:
-            self.total_task = self.bar.add_task("layers", total=total)
-        if self.stage_task is None:
-            self.stage_task = self.bar.add_task(name, total=batches)
-        else:
-            self.bar.reset(self.stage_task, total=batches, description=name)
-
-    def batch(self) -> None:
-        if self.live:
-            self.bar.advance(self.stage_task)
-
-    def stage_done(self, name: str, seconds: float) -> None:
-        self.done += 1
-        if self.live:
-            self.bar.advance(self.total_task)
-            self.out.debug(f"{name}: {seconds:.2f} s")
-            return
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / self.done * (self.total - self.done)
-        self.out.info(f"{name}: {seconds:.1f} s [{self.done}/{self.total}, eta {eta:.0f} s]")
+from qtool.cli.options import output as sink
 
 
 def calibrate_cmd(
@@ -147,83 +97,33 @@ def calibrate_cmd(
 
       qtool calibrate meta-llama/Llama-3.1-8B -d wikitext2 -o llama.calib.safetensors --json
     """
-    out = get_output()
-    out.json_mode = json_out
-    stats_path = output or Path(f"{_stem(src)}.calib.safetensors")
-    check_writable(stats_path)
-    if imatrix is not None:
-        check_writable(imatrix)
-        if imatrix.expanduser().resolve() == stats_path.expanduser().resolve():
-            raise BadInputError(f"--imatrix {imatrix}: the same path as the stats file")
-    if top < 0 or outlier_factor <= 1:
-        raise BadInputError("--top must be >= 0 and --outlier-factor > 1")
-    opts = CalibrateOptions(
-        dataset=dataset,
-        samples=samples,
-        seq_len=seq_len,
-        seed=seed,
-        text_field=text_field,
-        dataset_revision=dataset_revision,
-        tokenizer=tokenizer,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        hessian=hessian,
-    )
-    t0 = time.perf_counter()
-    prep = prepare(src, opts, revision=revision)
-    for note in prep.notes:
-        out.warn(note)
-    if hessian:
-        sp = prep.spec
-        inter = sp.intermediate or 4 * sp.hidden
-        per_layer = 2 * sp.hidden**2 + (sp.n_heads * sp.head_dim) ** 2 + inter**2
-        size = 4 * per_layer * sp.n_layers
-        if size > 2 * 2**30:
-            out.warn(
-                f"--hessian keeps {size / 2**30:.1f} GiB of Σ x xᵀ in memory and in the stats "
-                "file (float32, one per distinct input)"
-            )
-    d = prep.dataset
-    out.info(
-        f"calibrating {prep.ckpt.source}: {d['samples']} samples x {d['seq_len']} tokens of "
-        f"{d['spec']} ({d['stream_tokens']:,} tokens, {d['windows_available']} windows; "
-        f"tokens sha256 {d['tokens_sha256'][:16]})"
-    )
-    live = out.show_progress and out.stderr.is_terminal
-    with out.progress() if live else contextlib.nullcontext() as bar:
-        cal = calibrate(prep, opts, progress=StageBars(out, bar))
-    im = imatrix_of(cal, include_output=imatrix_output) if imatrix is not None else None
-    save_stats(stats_path, cal)
-    if im is not None and imatrix is not None:
-        try:
-            save_imatrix(imatrix, im)
-        except BaseException:
-            stats_path.unlink(missing_ok=True)  # both outputs or neither
-            raise
-    out.info(f"wrote {stats_path}" + (f" and {imatrix}" if imatrix else ""))
-    rows = outlier_rows(cal.layers.values(), factor=outlier_factor, top=top)
-    data: dict[str, Any] = {
-        "model": prep.ckpt.source,
-        "stats_file": str(stats_path),
-        "imatrix_file": str(imatrix) if imatrix else None,
-        "imatrix_entries": len(im.entries) if im else None,
-        "dataset": d,
-        "tokens_seen": cal.tokens,
-        "linear_layers": len(cal.layers),
-        "device": cal.meta["device"],
-        "dtype": cal.meta["dtype"],
-        "seconds": round(time.perf_counter() - t0, 2),
-        "outlier_factor": outlier_factor,
-        "outliers": rows,
-    }
-    out.result(data, lambda console: render(console, data))
+    from qtool import api
+    from qtool.output import reporter
 
-
-def _stem(src: str) -> str:
-    p = Path(src)
-    name = p.name if p.exists() else src.rstrip("/").split("/")[-1]
-    return (p.stem if p.suffix in (".gguf", ".safetensors") else name) or "model"
+    out = sink(json_out)
+    with reporter(out) as rep:
+        res = api.calibrate(
+            src,
+            dataset=dataset,
+            samples=samples,
+            seq_len=seq_len,
+            seed=seed,
+            output=output,
+            imatrix=imatrix,
+            imatrix_output=imatrix_output,
+            text_field=text_field,
+            dataset_revision=dataset_revision,
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            hessian=hessian,
+            revision=revision,
+            top=top,
+            outlier_factor=outlier_factor,
+            reporter=rep,
+        )
+    out.result(res.data, lambda console: render(console, res.data))
 
 
 def render(console: Console, d: dict[str, Any]) -> None:

@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 
 from qtool.cli.options import JsonFlag
+from qtool.cli.options import output as sink
 from qtool.errors import UnsupportedError
 from qtool.io import check_writable
-from qtool.output import get_output
 
 
 def eval_command(
@@ -93,19 +93,19 @@ def eval_command(
 
       qtool eval ./model-w4a16 --base ./model --dataset wiki.test.raw --ctx 2048 --chunks 20 --json
     """
+    from qtool import api
     from qtool.evaluate.report import plot as draw_plot
     from qtool.evaluate.report import render
-    from qtool.evaluate.runner import EvalSettings, run_eval
+    from qtool.output import reporter
 
-    out = get_output()
-    out.json_mode = json_out
+    out = sink(json_out)
     if plot is not None:
         check_writable(plot)
         if importlib.util.find_spec("matplotlib") is None:
             raise UnsupportedError("--plot needs matplotlib", hint="pip install matplotlib")
-    data = run_eval(
-        EvalSettings(
-            artifacts=list(artifacts),
+    with reporter(out) as rep:
+        data = api.evaluate(
+            artifacts,
             base=base,
             dataset=dataset,
             ctx=ctx,
@@ -115,8 +115,8 @@ def eval_command(
             dtype=dtype,
             device=device,
             threads=threads,
-        )
-    )
+            reporter=rep,
+        ).data
     if plot is not None:
         draw_plot(data, plot)
         out.info(f"wrote {plot}")

@@ -10,12 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qtool.checkpoint import open_checkpoint
 from qtool.cli.options import AllowPickle, JsonFlag, Revision, Source
-from qtool.errors import BadInputError
-from qtool.footprint import build_report
-from qtool.io import atomic_output, check_writable
-from qtool.output import get_output, jsonable
+from qtool.cli.options import output as sink
+from qtool.io import atomic_file, check_writable
+from qtool.output import jsonable
 
 
 def inspect_cmd(
@@ -63,32 +61,28 @@ def inspect_cmd(
 
       qtool inspect ./smollm2 --json | jq .formats
     """
-    out = get_output()
-    out.json_mode = json_out
-    if gpu_mem and any(g <= 1 for g in gpu_mem):
-        raise BadInputError(f"--gpu-mem must be more than 1 GiB, got {min(gpu_mem)}")
+    from qtool import api
+
+    out = sink(json_out)
     if output is not None:
         check_writable(output)
-    ckpt = open_checkpoint(src, revision=revision, allow_pickle=allow_pickle, headers_only=True)
-    try:
-        report = build_report(
-            ckpt,
-            context=context,
-            batch=batch,
-            cache_dtype=cache_dtype,
-            gpu_sizes=tuple(gpu_mem) if gpu_mem else (24, 40, 80),
-            lora_rank=lora_rank,
-        )
-    except ValueError as e:
-        raise BadInputError(str(e)) from e
-    data: dict[str, Any] = report.as_dict()
+    data: dict[str, Any] = api.inspect(
+        src,
+        context=context,
+        batch=batch,
+        cache_dtype=cache_dtype,
+        gpu_mem=gpu_mem,
+        lora_rank=lora_rank,
+        revision=revision,
+        allow_pickle=allow_pickle,
+    ).data
     if not data["model"]["gguf_export_supported"]:
         out.warn(
             f"architecture {data['model']['model_type']!r} is not supported for export; "
             "GGUF sizes use llama's tensor names and may be approximate"
         )
     if output is not None:
-        with atomic_output(output) as f:
+        with atomic_file(output) as f:
             f.write(json.dumps(jsonable(data), indent=2).encode() + b"\n")
         out.info(f"wrote {output}")
     out.result(data, lambda console: render(console, data))

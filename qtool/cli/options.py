@@ -1,10 +1,12 @@
-"""Option aliases shared by every command, declared once."""
+"""Option aliases shared by every command, declared once, and the output sink set-up."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import typer
+
+from qtool.output import Output, get_output
 
 Source = Annotated[
     str,
@@ -24,3 +26,10 @@ AllowPickle = Annotated[
         help="Allow pickle (.bin/.pt) checkpoints: they can run code. Trusted sources only.",
     ),
 ]
+
+
+def output(json_out: bool) -> Output:
+    """The sink, in JSON mode when ``--json`` was given before or after the command."""
+    out = get_output()
+    out.json_mode = out.json_mode or json_out
+    return out

@@ -1,10 +1,12 @@
-"""``qtool quantize``: GGUF k-quants, RTN with clipping, GPTQ, W8A8, BitNet ternary."""
+"""``qtool quantize``: flags (or ``--recipe``) -> a recipe -> :func:`qtool.api.quantize` -> report.
+
+Every option that shapes the result is a recipe field (:data:`qtool.recipe.FLAGS`); options are
+``None`` unless given, so one that does not apply to what the others ask for is refused by name
+(:func:`qtool.recipe.from_options`) instead of being ignored.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import shlex
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,64 +14,98 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qtool.cli.export import (
-    DryRun,
-    Imatrix,
-    OutputTensorType,
-    Pure,
-    TensorType,
-    TokenEmbeddingType,
-    TokenizerPre,
-    run_gguf_export,
-)
 from qtool.cli.options import AllowPickle, JsonFlag, Revision, Source
-from qtool.errors import BadInputError
-from qtool.output import get_output
+from qtool.cli.options import output as sink
 
-METHODS = ("kquant", "rtn", "gptq", "bitnet")
+Imatrix = Annotated[
+    str | None,
+    typer.Option(
+        "--imatrix",
+        help="Importance matrix for GGUF outputs (llama-imatrix GGUF or .dat), or `calibration` "
+        "to compute it from --dataset.",
+    ),
+]
+TensorType = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tensor-type", help="PATTERN=TYPE override, regex on llama.cpp names (repeatable)."
+    ),
+]
+OutputTensorType = Annotated[
+    str | None, typer.Option("--output-tensor-type", help="Type for output.weight.")
+]
+TokenEmbeddingType = Annotated[
+    str | None, typer.Option("--token-embedding-type", help="Type for token_embd.weight.")
+]
+Pure = Annotated[
+    bool, typer.Option("--pure", help="One type for every tensor: no preset mix, no fallbacks.")
+]
+DryRun = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Print the plan (every tensor: method, grid or type, bytes) from headers alone.",
+    ),
+]
+TokenizerPre = Annotated[
+    str | None,
+    typer.Option("--tokenizer-pre", help="llama.cpp pre-tokenizer name, if it is not recognised."),
+]
+Strict = Annotated[
+    bool, typer.Option("--strict", help="A pattern that matches no tensor is an error.")
+]
 
 
 def quantize_cmd(
     src: Source,
+    recipe: Annotated[
+        Path | None,
+        typer.Option("--recipe", help="A recipe (YAML/JSON): stages, calibration, outputs."),
+    ] = None,
     method: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--method",
-            help="kquant (GGUF k-quants), rtn (round-to-nearest), gptq, bitnet (ternary).",
+            help="rtn (round-to-nearest; kquant is its GGUF name), gptq, bitnet \\[default: rtn].",
         ),
-    ] = "kquant",
+    ] = None,
     qtype: Annotated[
         str | None,
         typer.Option(
-            "--type", help="kquant: a GGUF type or preset, e.g. Q4_K_M; bitnet: TQ1_0/TQ2_0."
+            "--type", help="GGUF output: a type or llama-quantize preset (Q4_K_M, Q8_0, TQ2_0...)."
         ),
     ] = None,
-    bits: Annotated[int | None, typer.Option("--bits", help="rtn/gptq: 2 to 8.")] = None,
+    bits: Annotated[
+        int | None, typer.Option("--bits", help="Integer outputs: 2 to 8; bitnet: 2 or 1.")
+    ] = None,
     group_size: Annotated[
-        int,
-        typer.Option("--group-size", "-g", help="Input columns per scale; -1: one per channel."),
-    ] = 128,
+        int | None,
+        typer.Option(
+            "--group-size", "-g", help="Input columns per scale; -1: one per channel \\[128]."
+        ),
+    ] = None,
     granularity: Annotated[
         str | None,
         typer.Option("--granularity", help="tensor, channel or group \\[default: from -g]."),
     ] = None,
     asym: Annotated[
-        bool, typer.Option("--asym/--sym", help="Zero-point (asymmetric) or absmax (symmetric).")
-    ] = False,
+        bool | None,
+        typer.Option("--asym/--sym", help="Zero-point (asymmetric) or absmax (symmetric)."),
+    ] = None,
     restricted: Annotated[
         bool,
         typer.Option("--restricted", help="Symmetric grid ±(2^(b-1)-1), code 0 unused."),
     ] = False,
     clip: Annotated[
-        str, typer.Option("--clip", help="Range clipping: none, percentile:P, mse, kl.")
-    ] = "none",
+        str | None,
+        typer.Option("--clip", help="Integer grids: none, percentile:P, mse, kl \\[none]."),
+    ] = None,
     format: Annotated[
         str | None,
         typer.Option(
             "--format",
-            help="gptq or compressed-tensors (rtn/gptq), gguf or safetensors (bitnet) "
-            "\\[default: gptq for GPTQ at 2/3/4/8 bits, compressed-tensors otherwise; gguf for "
-            "bitnet].",
+            help="gguf, gptq, compressed-tensors; bitnet: gguf or safetensors \\[default: gguf "
+            "with --type or a .gguf output; gptq for GPTQ at 2/3/4/8 bits; compressed-tensors].",
         ),
     ] = None,
     act_bits: Annotated[
@@ -81,46 +117,50 @@ def quantize_cmd(
     ] = False,
     smoothquant: Annotated[
         float | None,
-        typer.Option("--smoothquant", help="W8A8: SmoothQuant migration strength alpha (0.5)."),
+        typer.Option("--smoothquant", help="SmoothQuant migration strength alpha (e.g. 0.5)."),
     ] = None,
     stats: Annotated[
         Path | None,
-        typer.Option("--stats", help="Activation statistics from `qtool calibrate` (W8A8)."),
+        typer.Option("--stats", help="Activation statistics from `qtool calibrate`."),
     ] = None,
     dataset: Annotated[
         str | None,
-        typer.Option(
-            "--dataset", "-d", help="Calibration data (as qtool calibrate): GPTQ, W8A8 static."
-        ),
+        typer.Option("--dataset", "-d", help="Calibration data (as qtool calibrate)."),
     ] = None,
-    samples: Annotated[int, typer.Option("--samples", "-n", help="Calibration samples.")] = 128,
-    seq_len: Annotated[int, typer.Option("--seq-len", "-L", help="Tokens per sample.")] = 512,
-    seed: Annotated[int, typer.Option("--seed", help="Picks the calibration windows.")] = 0,
+    samples: Annotated[
+        int | None, typer.Option("--samples", "-n", help="Calibration samples \\[128].")
+    ] = None,
+    seq_len: Annotated[
+        int | None, typer.Option("--seq-len", "-L", help="Tokens per sample \\[512].")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Picks the calibration windows.")
+    ] = None,
     damp: Annotated[
-        float, typer.Option("--damp", help="GPTQ: dampening, fraction of mean diag(H).")
-    ] = 0.01,
+        float | None, typer.Option("--damp", help="GPTQ: dampening, fraction of mean diag(H).")
+    ] = None,
     block_size: Annotated[
-        int, typer.Option("--block-size", help="GPTQ: columns per lazy update.")
-    ] = 128,
+        int | None, typer.Option("--block-size", help="GPTQ: columns per lazy update.")
+    ] = None,
     act_order: Annotated[
-        bool, typer.Option("--act-order/--no-act-order", help="GPTQ: desc_act.")
-    ] = False,
+        bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ: desc_act.")
+    ] = None,
     static_groups: Annotated[
         bool, typer.Option("--static-groups", help="GPTQ: group scales fixed before act-order.")
     ] = False,
     true_sequential: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--true-sequential/--no-true-sequential",
             help="GPTQ: each group of linears sees the earlier ones quantized.",
         ),
-    ] = True,
+    ] = None,
     resume: Annotated[
         Path | None,
         typer.Option("--resume", help="GPTQ: continue the interrupted run kept in this folder."),
     ] = None,
     device: Annotated[
-        str, typer.Option("--device", help="GPTQ: auto (GPU if present), cpu, cuda:N.")
+        str, typer.Option("--device", help="auto (GPU if present), cpu, cuda:N.")
     ] = "auto",
     eval_dataset: Annotated[
         str | None,
@@ -134,7 +174,11 @@ def quantize_cmd(
     eval_chunks: Annotated[int, typer.Option("--eval-chunks", help="Eval windows.")] = 8,
     output: Annotated[
         Path | None,
-        typer.Option("-o", "--output", help="Output: a folder (safetensors) or a .gguf file."),
+        typer.Option(
+            "-o",
+            "--output",
+            help="Output: a .gguf file or a folder (with several recipe outputs: their folder).",
+        ),
     ] = None,
     imatrix: Imatrix = None,
     tensor_type: TensorType = None,
@@ -143,223 +187,185 @@ def quantize_cmd(
     pure: Pure = False,
     dry_run: DryRun = False,
     tokenizer_pre: TokenizerPre = None,
+    strict: Strict = False,
     revision: Revision = None,
     allow_pickle: AllowPickle = False,
     json_out: JsonFlag = False,
 ) -> None:
-    """Quantize weights: GGUF k-quants (byte-identical to llama-quantize), RTN, GPTQ, W8A8,
-    BitNet ternary.
+    """Quantize: RTN, GPTQ or BitNet on any grid (GGUF types byte-identical to llama-quantize,
+    integer schemes, ternary), written as GGUF, GPTQ, compressed-tensors or BitNet.
 
     Examples:
 
-      qtool quantize ./smollm2 --method kquant --type Q4_K_M -o smollm2-q4km.gguf
+      qtool quantize ./smollm2 --type Q4_K_M -o smollm2-q4km.gguf
+
+      qtool quantize ./smollm2 --method gptq --type Q4_K_M -d canterbury -o smollm2-gptq.gguf
 
       qtool quantize ./smollm2 --method gptq --bits 4 -d canterbury -o smollm2-gptq-w4g128
 
-      qtool quantize ./smollm2 --method rtn --bits 4 --clip mse --format compressed-tensors -o out
-
       qtool quantize ./smollm2 --method rtn --bits 8 -g -1 --act-bits 8 -o smollm2-w8a8
+
+      qtool quantize ./smollm2 --recipe recipes/gptq-w4a16.yaml -o out --dry-run
     """
-    if method not in METHODS:
-        raise BadInputError(f"--method {method!r} is unknown; choose one of {', '.join(METHODS)}")
-    if method == "kquant":
-        if qtype is None:
-            raise BadInputError("--method kquant needs --type", hint="e.g. --type Q4_K_M")
-        run_gguf_export(
+    from qtool import api
+    from qtool.output import reporter
+
+    out = sink(json_out)
+    options: dict[str, Any] = {
+        "method": method,
+        "type": qtype,
+        "bits": bits,
+        "group_size": group_size,
+        "granularity": granularity,
+        "asym": asym,
+        "restricted": restricted or None,
+        "clip": clip,
+        "format": format,
+        "act_bits": act_bits,
+        "act_static": act_static or None,
+        "smoothquant": smoothquant,
+        "stats": stats,
+        "dataset": dataset,
+        "samples": samples,
+        "seq_len": seq_len,
+        "seed": seed,
+        "damp": damp,
+        "block_size": block_size,
+        "act_order": act_order,
+        "static_groups": static_groups or None,
+        "true_sequential": true_sequential,
+        "imatrix": imatrix,
+        "tensor_type": tensor_type or None,
+        "output_tensor_type": output_tensor_type,
+        "token_embedding_type": token_embedding_type,
+        "pure": pure or None,
+        "tokenizer_pre": tokenizer_pre,
+        "strict": strict or None,
+    }
+    given = {k: v for k, v in options.items() if v is not None}
+    if recipe is not None and given:
+        from qtool.recipe import FLAGS, RecipeError
+
+        k = next(iter(given))
+        raise RecipeError(
+            f"{FLAGS[k]}: the recipe sets the quantization",
+            hint="edit the recipe, or drop --recipe and use flags alone",
+        )
+    with reporter(out) as rep:
+        res = api.quantize(
             src,
-            qtype,
-            output,
-            imatrix=imatrix,
-            tensor_type=tensor_type,
-            output_tensor_type=output_tensor_type,
-            token_embedding_type=token_embedding_type,
-            pure=pure,
+            recipe,
+            output=output,
             dry_run=dry_run,
-            tokenizer_pre=tokenizer_pre,
+            resume=resume,
+            device=device,
+            eval_dataset=eval_dataset,
+            eval_ctx=eval_ctx,
+            eval_chunks=eval_chunks,
             revision=revision,
             allow_pickle=allow_pickle,
-            json_out=json_out,
+            reporter=rep,
+            **({} if recipe is not None else given),
         )
-        return
-    if method == "bitnet":
-        from qtool.cli.bitnet import run_bitnet
+    data = res.data
+    if dry_run:
+        out.result(data, lambda c: render_plan(c, data))
+    else:
+        out.result(data, lambda c: render(c, data))
 
-        run_bitnet(
-            src,
-            output,
-            qtype=qtype,
-            format=format,
-            variant="ternary" if bits in (None, 2) else "binary" if bits == 1 else "",
-            tokenizer_pre=tokenizer_pre,
-            revision=revision,
-            json_out=json_out,
+
+def render_plan(console: Console, d: dict[str, Any]) -> None:
+    """``--dry-run``: every output's tensors with method, grid or type, and bytes."""
+    for o in d["outputs"]:
+        t = Table(title=f"plan: {o['format']} -> {o['path'] or '(no path)'}", title_justify="left")
+        for col in ("tensor", "shape", "method", "grid / type"):
+            t.add_column(col)
+        t.add_column("bytes", justify="right")
+        for e in o["tensors"]:
+            t.add_row(
+                e["name"],
+                "×".join(map(str, e["shape"])),
+                e["method"] or "-",
+                e["grid"] or "as stored",
+                f"{e['bytes']:,}",
+            )
+        console.print(t)
+        grids = ", ".join(f"{k} ×{v}" for k, v in o["grids"].items())
+        console.print(
+            f"tensor data {o['tensor_bytes']:,} bytes ({o['tensor_bytes'] / 2**20:.2f} MiB); "
+            f"grids: {grids}; metadata, scales' headers and vocabulary add a little"
         )
-        return
-    _run_integer(
-        src,
-        method=method,
-        bits=bits,
-        group_size=group_size,
-        granularity=granularity,
-        asym=asym,
-        restricted=restricted,
-        clip=clip,
-        format=format,
-        act_bits=act_bits,
-        act_static=act_static,
-        smoothquant=smoothquant,
-        stats=stats,
-        dataset=dataset,
-        samples=samples,
-        seq_len=seq_len,
-        seed=seed,
-        damp=damp,
-        block_size=block_size,
-        act_order=act_order,
-        static_groups=static_groups,
-        true_sequential=true_sequential,
-        resume=resume,
-        device=device,
-        eval_dataset=eval_dataset,
-        eval_ctx=eval_ctx,
-        eval_chunks=eval_chunks,
-        output=output,
-        revision=revision,
-        json_out=json_out,
-    )
-
-
-def _run_integer(src: str, **o: Any) -> None:
-    from qtool.calibrate.pipeline import CalibrateOptions
-    from qtool.cli.calibrate import StageBars
-    from qtool.io import check_writable
-    from qtool.quantize.gptq import GPTQConfig
-    from qtool.quantize.pipeline import QuantizeOptions, run_quantize
-    from qtool.quantize.scheme import Clip, QuantScheme
-
-    out = get_output()
-    out.json_mode = o["json_out"]
-    if o["bits"] is None:
-        raise BadInputError(f"--method {o['method']} needs --bits", hint="e.g. --bits 4")
-    gran: Any = o["granularity"] or ("channel" if o["group_size"] == -1 else "group")
-    if gran == "group" and o["group_size"] < 1:
-        raise BadInputError(
-            f"--group-size {o['group_size']}: must be positive, or -1 for one scale per channel"
-        )
-    scheme = QuantScheme(
-        bits=o["bits"],
-        sym=not o["asym"],
-        granularity=gran,
-        group_size=o["group_size"] if gran == "group" else 128,
-        restricted=o["restricted"],
-        clip=Clip.parse(o["clip"]),
-    )
-    if o["block_size"] < 1:
-        raise BadInputError(f"--block-size {o['block_size']}: must be positive")
-    if not 0 < o["damp"] <= 1:
-        raise BadInputError(f"--damp {o['damp']}: must be in (0, 1]")
-    if o["output"] is None:
-        raise BadInputError("no output folder", hint="pass -o FOLDER")
-    output: Path = o["output"]
-    if output.suffix == ".gguf":
-        raise BadInputError(
-            f"-o {output}: --method {o['method']} writes a safetensors folder",
-            hint="for GGUF use --method kquant --type Q4_K_M (or qtool export)",
-        )
-    check_writable(output)
-    opts = QuantizeOptions(
-        method=o["method"],
-        scheme=scheme,
-        output=output,
-        format=o["format"],
-        act_bits=o["act_bits"],
-        act_static=o["act_static"],
-        smooth_alpha=o["smoothquant"],
-        stats=o["stats"],
-        calib=CalibrateOptions(
-            dataset=o["dataset"] or "wikitext2",
-            samples=o["samples"],
-            seq_len=o["seq_len"],
-            seed=o["seed"],
-            device=o["device"],
-        ),
-        calib_given=o["dataset"] is not None,
-        gptq=GPTQConfig(
-            damp=o["damp"],
-            block_size=o["block_size"],
-            act_order=o["act_order"],
-            static_groups=o["static_groups"],
-        ),
-        true_sequential=o["true_sequential"],
-        resume=o["resume"],
-        measure_dataset=o["eval_dataset"],
-        measure_ctx=o["eval_ctx"],
-        measure_chunks=o["eval_chunks"],
-        command="qtool " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-    )
-
-    def log(message: str) -> None:
-        if message.startswith("warning: "):
-            out.warn(message.removeprefix("warning: "))
-        else:
-            out.info(message)
-
-    live = out.show_progress and out.stderr.is_terminal
-    with out.progress() if live else contextlib.nullcontext() as bar:
-        res = run_quantize(src, opts, revision=o["revision"], progress=StageBars(out, bar), log=log)
-    out.result(res.data, lambda c: render(c, res.data))
 
 
 def render(console: Console, d: dict[str, Any]) -> None:
-    """What was written, the per-layer GPTQ vs RTN errors (summary), and quality if measured."""
-    if d.get("footprint"):
+    """What was written (each output), the per-layer GPTQ vs RTN errors, quality if measured."""
+    footprint = next((o.get("footprint") for o in d["outputs"] if o.get("footprint")), None)
+    if footprint:
         from qtool.cli.inspect import render as render_footprint
 
-        render_footprint(console, d["footprint"])
-    s = d["scheme"]
-    head = Table(title=f"{d['output']} ({d['format']})", show_header=False, title_justify="left")
+        render_footprint(console, footprint)
+    for o in d["outputs"]:
+        if o["format"] == "gguf":
+            types = ", ".join(f"{k} ×{v}" for k, v in o["types"].items())
+            methods = ", ".join(f"{k} ×{v}" for k, v in o.get("methods", {}).items())
+            v = o.get("vocab") or {}
+            console.print(
+                f"wrote {o['path']}: {o['bytes']:,} bytes ({o['bytes'] / 2**20:.2f} MiB), "
+                f"{o['bits_per_weight']:.3f} bits/weight, {o['preset']} ({types}); "
+                f"methods: {methods or 'none'}; vocab {v.get('model')}/{v.get('pre')} "
+                f"{v.get('tokens')} tokens"
+            )
+        elif o["format"] in ("gptq", "compressed-tensors"):
+            _render_int(console, o, d)
+        else:
+            console.print(f"wrote {o['path']}: {o['format']}, {o['bytes']:,} bytes")
+    if d.get("layers"):
+        n = len(d["layers"])
+        console.print(f"GPTQ vs RTN: lower output error on {d['gptq_better_than_rtn']}/{n} linears")
+        t = Table(
+            title="Relative output error ||(W-Q)X|| / ||WX|| per layer (mean over linears)",
+            title_justify="left",
+        )
+        for col in ("layer", "grid", "GPTQ", "RTN"):
+            t.add_column(col, justify="left" if col in ("layer", "grid") else "right")
+        by: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for r in d["layers"]:
+            key = (r["name"].rsplit(".", 2)[0], r.get("grid", ""))
+            by.setdefault(key, []).append((r["gptq_rel_error"], r["rtn_rel_error"]))
+        for (layer, grid), v in by.items():
+            t.add_row(
+                layer,
+                grid,
+                f"{sum(a for a, _ in v) / len(v):.4f}",
+                f"{sum(b for _, b in v) / len(v):.4f}",
+            )
+        console.print(t)
+    console.print(f"time {d['seconds']:.1f} s")
+
+
+def _render_int(console: Console, o: dict[str, Any], d: dict[str, Any]) -> None:
+    s = o["scheme"]
+    head = Table(title=f"{o['path']} ({o['format']})", show_header=False, title_justify="left")
     head.add_column(style="bold")
     head.add_column()
     g = s["group_size"] if s["granularity"] == "group" else s["granularity"]
+    methods = ", ".join(f"{k} ×{v}" for k, v in o.get("methods", {}).items())
     head.add_row(
         "method",
-        f"{d['method']} {s['bits']}-bit, group {g}, "
-        f"{'sym' if s['sym'] else 'asym'}, clip {s['clip']}",
+        f"{methods}: {s['bits']}-bit, group {g}, {'sym' if s['sym'] else 'asym'}, clip {s['clip']}",
     )
-    if d.get("activations"):
-        a = d["activations"]
+    if o.get("activations"):
+        a = o["activations"]
         head.add_row(
             "activations",
             "int8 "
             + ("per token (dynamic)" if a["dynamic"] else "per tensor (static)")
             + (f", SmoothQuant α={a['smoothquant']}" if a["smoothquant"] is not None else ""),
         )
-    if d.get("bytes"):
-        head.add_row("size", f"{d['bytes']:,} bytes ({d['bytes'] / 2**20:.1f} MiB)")
-    if d.get("bits_per_weight"):
-        head.add_row("bits/weight", f"{d['bits_per_weight']:.3f} (all tensors, scales included)")
-    head.add_row("time", f"{d['seconds']:.1f} s")
-    for k, v in (d.get("quality") or {}).items():
+    if o.get("bytes"):
+        head.add_row("size", f"{o['bytes']:,} bytes ({o['bytes'] / 2**20:.1f} MiB)")
+    if o.get("bits_per_weight"):
+        head.add_row("bits/weight", f"{o['bits_per_weight']:.3f} (all tensors, scales included)")
+    for k, v in (o.get("quality") or {}).items():
         head.add_row(k, str(v))
-    if d.get("layers"):
-        n = len(d["layers"])
-        head.add_row(
-            "GPTQ vs RTN", f"lower output error on {d['gptq_better_than_rtn']}/{n} linears"
-        )
     console.print(head)
-    if d.get("layers"):
-        t = Table(
-            title="Relative output error ||(W-Q)X|| / ||WX|| per layer (mean over linears)",
-            title_justify="left",
-        )
-        for col in ("layer", "GPTQ", "RTN"):
-            t.add_column(col, justify="right" if col != "layer" else "left")
-        by: dict[str, list[tuple[float, float]]] = {}
-        for r in d["layers"]:
-            key = r["name"].rsplit(".", 2)[0]
-            by.setdefault(key, []).append((r["gptq_rel_error"], r["rtn_rel_error"]))
-        for k, v in by.items():
-            t.add_row(
-                k, f"{sum(a for a, _ in v) / len(v):.4f}", f"{sum(b for _, b in v) / len(v):.4f}"
-            )
-        console.print(t)

@@ -30,14 +30,10 @@ from qtool.errors import (
     UnsupportedError,
 )
 from qtool.evaluate.gguf_decode import decode_state_dict
-from qtool.output import get_output
+from qtool.events import SILENT, Reporter
 
 BACKENDS = ("torch", "llama.cpp")
 DTYPES = ("float32", "bfloat16", "float16")
-# Output heads whose CausalLM forward is exactly ``lm_head(h)`` (+ Gemma's optional final
-# softcap): for these the head runs per slice of rows (transformers' LlamaForCausalLM.forward,
-# Gemma3ForCausalLM.forward). Other architectures fall back to the full forward.
-SLICEABLE = {"llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text", "phi3"}
 
 
 class Logits(Protocol):
@@ -118,7 +114,11 @@ class TorchRunner:
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
         cfg = cfg or model.config
         self.vocab = int(model.get_output_embeddings().weight.shape[0])
-        self.sliced = model.config.model_type in SLICEABLE
+        # an output head that is exactly ``lm_head(h)`` (+ a final soft-cap) runs per slice of
+        # rows (the family says so); other architectures fall back to the full forward
+        from qtool.models import family_for
+
+        self.sliced = family_for(model.config.to_dict(), strict=False).sliceable_head
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
 
     def run(self, ids: np.ndarray) -> Logits:
@@ -317,7 +317,7 @@ def load_hf_model(ckpt: Checkpoint, dtype: Any, device: str) -> tuple[Any, str]:
 
 
 def load_gptq_unpacked(ckpt: Checkpoint, dtype: Any, device: str) -> Any:
-    """A GPTQ v1 checkpoint unpacked by qtool (:func:`qtool.quantize.formats.gptq.
+    """A GPTQ v1 checkpoint unpacked by qtool (:func:`qtool.formats.gptq.
     dense_tensors`) into a dense model built from its config without ``quantization_config``:
     the weights are exactly ``scales * (q - (qzeros + 1))``, as the GPTQ kernels compute."""
     import copy
@@ -325,7 +325,7 @@ def load_gptq_unpacked(ckpt: Checkpoint, dtype: Any, device: str) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qtool.quantize.formats.gptq import dense_tensors
+    from qtool.formats.gptq import dense_tensors
 
     cfg_dict = copy.deepcopy(ckpt.config)
     cfg_dict.pop("quantization_config", None)
@@ -377,9 +377,11 @@ def load_gguf_into(
     return model.to(device), cfg.to_dict()
 
 
-def check_same_architecture(art: Checkpoint, base_cfg: dict[str, Any]) -> None:
+def check_same_architecture(
+    art: Checkpoint, base_cfg: dict[str, Any], reporter: Reporter = SILENT
+) -> None:
     """A GGUF decodes into the base's architecture only if its shape numbers are the base's."""
-    from qtool.arch import ModelSpec
+    from qtool.models.spec import ModelSpec
 
     a = ModelSpec.from_config(art.config)
     b = ModelSpec.from_config(base_cfg)
@@ -404,7 +406,7 @@ def check_same_architecture(art: Checkpoint, base_cfg: dict[str, Any]) -> None:
     eps = meta.get(f"{arch}.attention.layer_norm_rms_epsilon")
     if eps is not None and bcfg.get("rms_norm_eps") is not None:
         if abs(float(eps) - float(bcfg["rms_norm_eps"])) > 1e-3 * float(bcfg["rms_norm_eps"]):
-            get_output().warn(
+            reporter.warn(
                 f"{art.source}: RMS-norm epsilon {eps} differs from the base's "
                 f"{bcfg['rms_norm_eps']}; the decoded run uses the base's"
             )
@@ -420,6 +422,7 @@ def load_model(
     ctx: int,
     base_hf_config: Any = None,
     threads: int | None = None,
+    reporter: Reporter = SILENT,
 ) -> EvalModel:
     """Build the runner of an opened checkpoint. ``role`` is "base" or "artifact". A GGUF file
     runs through llama.cpp when ``backend`` is "llama.cpp", else it is decoded into
@@ -433,7 +436,7 @@ def load_model(
     if ckpt.format == "gguf":
         cfg_obj = base_hf_config if base_hf_config is not None else hf_config(ckpt)
         if role == "artifact":
-            check_same_architecture(ckpt, cfg_obj.to_dict())
+            check_same_architecture(ckpt, cfg_obj.to_dict(), reporter)
         max_ctx = ckpt.config.get("max_position_embeddings")
         check_context(src, ctx, max_ctx)
         model, cfg = load_gguf_into(ckpt, cfg_obj, dtype, device)

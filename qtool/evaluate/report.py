@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from qtool.io import atomic_output
+from qtool.io import atomic_file
 
 
 def _size(n: float) -> str:
@@ -109,5 +109,5 @@ def plot(d: dict[str, Any], path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    with atomic_output(path) as f:
+    with atomic_file(path) as f:
         f.write(buf.getvalue())

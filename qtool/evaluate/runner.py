@@ -36,7 +36,7 @@ from qtool.evaluate.loaders import (
     torch_dtype,
 )
 from qtool.evaluate.metrics import CompareStats, PerplexityStats, base_slice, update_compare
-from qtool.output import get_output
+from qtool.events import SILENT, Reporter
 
 SCORINGS = ("full", "second-half")
 # One slice of float32 logits from the output head: 32 Mi elements (128 MiB).
@@ -144,11 +144,11 @@ def check_vocabulary(
     return len(differ)
 
 
-def run_eval(s: EvalSettings) -> dict[str, Any]:
+def run_eval(s: EvalSettings, reporter: Reporter = SILENT) -> dict[str, Any]:
     """Evaluate ``s.artifacts`` against ``s.base`` on ``s.dataset``; returns the report dict."""
     import torch
 
-    out = get_output()
+    out = reporter
     _validate(s)
     dtype = torch_dtype(s.dtype)
     device = resolve_device(s.device)
@@ -185,34 +185,35 @@ def run_eval(s: EvalSettings) -> dict[str, Any]:
 
     # Models: the base, then each artifact (one model for sources that are the same files).
     base_hf_cfg = hf_config(base_ckpt)
-    with out.progress() as bar:
-        task = bar.add_task("loading models", total=1 + len(art_ckpts))
+    task = out.task("loading models", 1 + len(art_ckpts))
 
-        def load(ckpt: Checkpoint, role: str) -> EvalModel:
-            return load_model(
-                ckpt,
-                role=role,
-                dtype=dtype,
-                device=device,
-                backend=s.backend,
-                ctx=s.ctx,
-                base_hf_config=base_hf_cfg,
-                threads=s.threads,
-            )
+    def load(ckpt: Checkpoint, role: str) -> EvalModel:
+        return load_model(
+            ckpt,
+            role=role,
+            dtype=dtype,
+            device=device,
+            backend=s.backend,
+            ctx=s.ctx,
+            base_hf_config=base_hf_cfg,
+            threads=s.threads,
+            reporter=out,
+        )
 
-        base = load(base_ckpt, "base")
-        bar.advance(task)
-        models: list[EvalModel] = []
-        for ckpt in art_ckpts:
-            twin = next(
-                (m for m in [base, *models] if same_source(m.ckpt, ckpt) and _same_backend(m, s)),
-                None,
-            )
-            if twin is not None:
-                models.append(twin)
-            else:
-                models.append(load(ckpt, "artifact"))
-            bar.advance(task)
+    base = load(base_ckpt, "base")
+    task.advance()
+    models: list[EvalModel] = []
+    for ckpt in art_ckpts:
+        twin = next(
+            (m for m in [base, *models] if same_source(m.ckpt, ckpt) and _same_backend(m, s)),
+            None,
+        )
+        if twin is not None:
+            models.append(twin)
+        else:
+            models.append(load(ckpt, "artifact"))
+        task.advance()
+    out.done(task)
     for m in models:
         if m.vocab != base.vocab:
             raise BadInputError(
@@ -236,32 +237,32 @@ def run_eval(s: EvalSettings) -> dict[str, Any]:
         f"({s.scoring} scoring, {n * (last - first)} tokens scored) on {device}"
     )
     t_loop = time.perf_counter()
-    with out.progress() as bar:
-        task = bar.add_task("eval", total=n * len(unique))
-        for w in range(n):
-            ids = windows[w]
-            logits = {}
-            for k, m in unique.items():
+    task = out.task("eval", n * len(unique))
+    for w in range(n):
+        ids = windows[w]
+        logits = {}
+        for k, m in unique.items():
+            with timers[k]:
+                logits[k] = m.runner.run(ids)
+            task.advance()
+        targets_all = torch.as_tensor(ids, dtype=torch.long)
+        for a in range(first, last, head_rows):
+            b = min(a + head_rows, last)
+            block = {}
+            for k in unique:
                 with timers[k]:
-                    logits[k] = m.runner.run(ids)
-                bar.advance(task)
-            targets_all = torch.as_tensor(ids, dtype=torch.long)
-            for a in range(first, last, head_rows):
-                b = min(a + head_rows, last)
-                block = {}
-                for k in unique:
-                    with timers[k]:
-                        block[k] = logits[k].rows(a, b)
-                for c in range(0, b - a, metric_rows):
-                    d = min(c + metric_rows, b - a)
-                    bl = block[id(base)][c:d]
-                    y = targets_all[a + c + 1 : a + d + 1].to(bl.device)
-                    bs = base_slice(base_stats, bl, y)
-                    for st, m in zip(stats, models, strict=True):
-                        update_compare(st, bs, block[id(m)][c:d].to(bl.device), y)
-                    del bs
-                del block
-            del logits
+                    block[k] = logits[k].rows(a, b)
+            for c in range(0, b - a, metric_rows):
+                d = min(c + metric_rows, b - a)
+                bl = block[id(base)][c:d]
+                y = targets_all[a + c + 1 : a + d + 1].to(bl.device)
+                bs = base_slice(base_stats, bl, y)
+                for st, m in zip(stats, models, strict=True):
+                    update_compare(st, bs, block[id(m)][c:d].to(bl.device), y)
+                del bs
+            del block
+        del logits
+    out.done(task)
     eval_seconds = time.perf_counter() - t_loop
 
     text_tokens = n * s.ctx

@@ -10,17 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from qtool.calibrate import (
-    CalibrateOptions,
-    StatsMismatchError,
-    calibrate,
-    imatrix_of,
-    load_imatrix,
-    load_stats,
-    prepare,
-    save_imatrix,
-    save_stats,
-)
+from qtool.calibrate.imatrix import load_imatrix, save_imatrix
+from qtool.calibrate.pipeline import CalibrateOptions, calibrate, imatrix_of, prepare
+from qtool.calibrate.statsfile import StatsMismatchError, load_stats, save_stats
 from qtool.errors import BadInputError, CorruptFileError
 from tests.conftest import make_tiny_llama
 

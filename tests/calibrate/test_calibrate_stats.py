@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-from qtool.calibrate.layerwise import calibrate_layerwise, collect_whole_model
 from qtool.calibrate.stats import (
     InputAccumulator,
     StatsCollector,
@@ -25,6 +24,7 @@ from qtool.calibrate.stats import (
     percentile_from_hist,
 )
 from qtool.checkpoint import open_checkpoint
+from qtool.runner.layers import calibrate_layerwise, collect_whole_model
 
 
 def _ids(n: int = 3, seq: int = 64, vocab: int = 1024, seed: int = 0) -> torch.Tensor:
@@ -128,7 +128,7 @@ def test_histogram_growth_is_exact() -> None:
     np.testing.assert_array_equal(acc.hist.numpy(), ref)
     h = (allx.double().T @ allx.double()).numpy()
     # float32 products per batch, float64 accumulation: 1e-6 of the largest entry
-    np.testing.assert_allclose(acc.hessian.numpy(), h, rtol=0, atol=1e-6 * np.abs(h).max())
+    np.testing.assert_allclose(acc.hessian.xtx().numpy(), h, rtol=0, atol=1e-6 * np.abs(h).max())
 
 
 def test_percentile_and_kl_clipping() -> None:

@@ -46,14 +46,13 @@ def write_llama_gguf(
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from qtool.arch import gguf_name
-
     cfg = json.loads((src / "config.json").read_text())
     n_head, n_kv, n_layers = (
         cfg["num_attention_heads"],
         cfg["num_key_value_heads"],
         cfg["num_hidden_layers"],
     )
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
     w = gguf.GGUFWriter(str(dst), "llama")
     w.add_block_count(n_layers)
     w.add_context_length(cfg["max_position_embeddings"])
@@ -75,7 +74,7 @@ def write_llama_gguf(
             a = llama_permute(a, n_head, n_head)
         elif name.endswith("k_proj.weight"):
             a = llama_permute(a, n_head, n_kv)
-        g = gguf_name(name, "llama", n_layers)
+        g = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
         assert g is not None, name
         if a.ndim == 1 or qtype == "F32":
             w.add_tensor(g, np.ascontiguousarray(a, dtype=np.float32))

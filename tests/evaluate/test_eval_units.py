@@ -12,9 +12,9 @@ import torch
 
 from qtool.errors import BadInputError, CorruptFileError
 from qtool.evaluate.data import make_windows, resolve_dataset, scored_positions
-from qtool.evaluate.gguf_decode import unpermute_qk
 from qtool.evaluate.gguf_header import read_gguf_header
 from qtool.evaluate.metrics import CompareStats, PerplexityStats, base_slice, update_compare
+from qtool.models.llama import unpermute_qk
 from tests.conftest import Assets
 from tests.evaluate.conftest import llama_permute
 

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from qtool.policy import PRESETS
-
 TINY_VOCAB = 1024
 
 
@@ -83,6 +81,14 @@ def build_tiny(
     return path
 
 
+def llama_ftype(preset: str) -> int:
+    """llama.cpp's ``llama_ftype`` for a llama-quantize preset name (``Q4_K_M``, ``F16``...)."""
+    import llama_cpp
+
+    name = "LLAMA_FTYPE_ALL_F32" if preset == "F32" else f"LLAMA_FTYPE_MOSTLY_{preset}"
+    return int(getattr(llama_cpp, name))
+
+
 def llama_quantize(
     src: Path,
     dst: Path,
@@ -95,18 +101,19 @@ def llama_quantize(
     tensor_types: list[tuple[str, str]] | None = None,
 ) -> None:
     """llama.cpp's own quantizer (llama_model_quantize == llama-quantize), with an imatrix and
-    the same per-tensor options llama-quantize has."""
+    the same per-tensor options llama-quantize has. Preset and type ids come from llama.cpp
+    (``LLAMA_FTYPE_*``) and gguf-py, not from qtool's tables."""
     import llama_cpp
-    from qtool.kernels.types import get_type
+    from gguf import GGMLQuantizationType
 
     p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = PRESETS[preset][1]
+    p.ftype = llama_ftype(preset)
     p.nthread = 2
     p.pure = pure
     if output_type:
-        p.output_tensor_type = get_type(output_type).ggml_id
+        p.output_tensor_type = GGMLQuantizationType[output_type].value
     if token_embedding_type:
-        p.token_embedding_type = get_type(token_embedding_type).ggml_id
+        p.token_embedding_type = GGMLQuantizationType[token_embedding_type].value
     keep: list[object] = []
     if imatrix:
         arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
@@ -124,7 +131,7 @@ def llama_quantize(
         for i, (pattern, qtype) in enumerate(tensor_types):
             keep.append(pattern.encode())
             ov[i].pattern = keep[-1]
-            ov[i].type = get_type(qtype).ggml_id
+            ov[i].type = GGMLQuantizationType[qtype].value
         ov[len(tensor_types)].pattern = None
         keep.append(ov)
         p.tt_overrides = ctypes.cast(ov, type(p.tt_overrides))

@@ -45,24 +45,26 @@ def test_dry_run_prints_plan_and_writes_nothing(cli, tiny: Path, tmp_path: Path)
         "--json",
     )
     assert r.exit_code == 0, r.stderr
-    plan = r.json()
-    assert not out.exists() and plan["dry_run"]
-    types = {t["name"]: t["type"] for t in plan["tensors"]}
+    data = r.json()
+    assert not out.exists() and data["dry_run"]
+    plan = data["outputs"][0]
+    types = {t["name"]: t["grid"] for t in plan["tensors"]}
     assert types["output.weight"] == "Q6_K" and types["blk.1.attn_v.weight"] == "Q6_K"
     assert types["blk.0.attn_v.weight"] == "Q4_K" and types["blk.0.attn_norm.weight"] == "F32"
     assert plan["tensor_bytes"] == sum(t["bytes"] for t in plan["tensors"])
     human = cli("export", tiny, *TP, "--outtype", "Q8_0", "--dry-run")
-    assert "GGUF plan" in human.stdout and "token_embd.weight" in human.stdout
+    assert "plan: gguf" in human.stdout and "token_embd.weight" in human.stdout
 
 
 def test_written_size_matches_plan(cli, tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "q8.gguf"
     plan = cli("export", tiny, *TP, "--outtype", "Q8_0", "--dry-run", "--json").json()
+    plan = plan["outputs"][0]
     r = cli("export", tiny, *TP, "--outtype", "Q8_0", "-o", out, "--json")
     assert r.exit_code == 0, r.stderr
-    done = r.json()
-    assert done["file_bytes"] == out.stat().st_size
-    assert plan["tensor_bytes"] < done["file_bytes"] < plan["tensor_bytes"] + 4 * 2**20
+    done = r.json()["outputs"][0]
+    assert done["bytes"] == out.stat().st_size
+    assert plan["tensor_bytes"] < done["bytes"] < plan["tensor_bytes"] + 4 * 2**20
     assert [p.name for p in tmp_path.iterdir()] == ["q8.gguf"]
 
 
@@ -145,7 +147,7 @@ def test_imatrix_for_another_model(cli, tiny: Path, tmp_path: Path) -> None:
 
 def test_bad_type_and_missing_output(cli, tiny: Path, tmp_path: Path) -> None:
     one_line(cli("export", tiny, *TP, "--outtype", "Q7_K", "-o", tmp_path / "o.gguf"), 2, "Q7_K")
-    one_line(cli("export", tiny, *TP, "--outtype", "Q4_K_M"), 2, "no output file")
+    one_line(cli("export", tiny, *TP, "--outtype", "Q4_K_M"), 2, "no output path")
     one_line(
         cli(
             "export",
@@ -168,7 +170,7 @@ def test_full_disk_leaves_no_partial_file(cli, tiny: Path, tmp_path: Path, monke
     """The disk fills up in the middle of the tensor data (simulated at the file's write)."""
     import errno
 
-    import qtool.export.gguf_export as ge
+    import qtool.formats.gguf as ge
 
     class FullDisk:
         def __init__(self, f) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from qtool.checkpoint import Checkpoint, open_checkpoint
-from qtool.quantize.formats import ActivationQuant, WriteRequest, write_checkpoint
-from qtool.quantize.scheme import QuantizedWeight, QuantScheme, quantize_weight
+from qtool.formats.folder import ActivationQuant, WriteRequest, write_checkpoint
+from qtool.grids.affine import QuantizedWeight, QuantScheme, quantize_weight
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TOKENS = torch.tensor([[1, 17, 230, 5, 999, 42, 7, 311, 64, 128, 3, 900, 12, 77, 500, 2]])
@@ -65,7 +65,7 @@ def reference_logits(
     """qtool's own dequantized model (float32) on TOKENS."""
     from transformers import AutoModelForCausalLM
 
-    from qtool.quantize.reference import apply_dequantized
+    from qtool.evaluate.dequantized import apply_dequantized
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     apply_dequantized(model, loaders, activations)

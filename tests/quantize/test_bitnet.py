@@ -8,10 +8,29 @@ import numpy as np
 import pytest
 import torch
 
+from qtool import api
 from qtool.errors import BadInputError, UnsupportedError
-from qtool.quantize.bitnet import EPS, binarize, is_decoder_linear, ternarize
-from qtool.quantize.formats.bitnet import pack_ternary, unpack_ternary, write_bitnet_checkpoint
+from qtool.formats.bitnet import pack_ternary, unpack_ternary
+from qtool.grids.ternary import EPS, binarize, ternarize
+from qtool.models import family_for
 from tests.export.helpers import build_tiny, llama_logits
+
+_LLAMA = family_for({"model_type": "llama", "num_hidden_layers": 2})
+
+
+def is_decoder_linear(name: str, ndim: int) -> bool:
+    return _LLAMA.is_linear(name, (1,) * ndim)
+
+
+def write_bitnet_checkpoint(src: Path, out: Path, variant: str = "ternary") -> Path:
+    bits = 1 if variant == "binary" else 2
+    api.quantize(str(src), method="bitnet", bits=bits, format="safetensors", output=out)
+    return out
+
+
+def export_bitnet_gguf(src: Path, out: Path, qtype: str) -> None:
+    api.quantize(str(src), method="bitnet", type=qtype, tokenizer_pre="smollm", output=out)
+
 
 IDS = [int(i) for i in np.random.default_rng(0).integers(3, 1024, size=48)]
 
@@ -114,22 +133,23 @@ def _gguf_tensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
 
 @pytest.mark.parametrize("qtype", ["TQ2_0", "TQ1_0"])
 def test_gguf_tq_stores_gamma_times_codes(tiny_bitnet_src: Path, tmp_path: Path, qtype) -> None:
-    from qtool.arch import gguf_name
     from qtool.checkpoint import open_checkpoint
-    from qtool.export.archs import arch_for
-    from qtool.quantize.bitnet import export_bitnet_gguf
+    from qtool.models.llama import permute_qk
 
     ckpt = open_checkpoint(str(tiny_bitnet_src))
     out = tmp_path / f"m-{qtype}.gguf"
-    _, gammas = export_bitnet_gguf(ckpt, out, qtype, tokenizer_pre="smollm")
+    export_bitnet_gguf(tiny_bitnet_src, out, qtype)
     got = _gguf_tensors(out)
-    arch = arch_for(ckpt.config, ckpt.root)
-    assert len(gammas) == 14  # 7 linear weights x 2 layers
-    for hf, gamma in gammas.items():
-        kind, dec = got[str(gguf_name(hf, "llama", 2))]
+    linears = [n for n, t in ckpt.tensors.items() if is_decoder_linear(n, len(t.shape))]
+    assert len(linears) == 14  # 7 linear weights x 2 layers
+    heads = {"q_proj": 4, "k_proj": 2}
+    for hf in linears:
+        kind, dec = got[str(_LLAMA.gguf_name(hf))]
         assert kind == qtype
-        tw = ternarize(hf, arch.transform(hf, ckpt.read(hf)))  # llama.cpp's row order
-        assert tw.gamma == gamma
+        w = ckpt.read(hf)
+        n = next((v for k, v in heads.items() if k in hf), None)
+        tw = ternarize(hf, permute_qk(w, n) if n else w)  # llama.cpp's row order
+        gamma = tw.gamma
         # lossless but for d = fp16(gamma) in every 256-block: exact against that ...
         d16 = np.float32(np.float16(gamma))
         assert np.array_equal(dec, tw.codes.numpy().astype(np.float32) * d16), hf
@@ -158,11 +178,8 @@ def _reference_model(src: Path, decoded: dict[str, tuple[str, np.ndarray]]):
 def test_gguf_tq_runs_in_llama_cpp_like_transformers(
     tiny_bitnet_src: Path, tmp_path: Path, qtype: str
 ) -> None:
-    from qtool.checkpoint import open_checkpoint
-    from qtool.quantize.bitnet import export_bitnet_gguf
-
     out = tmp_path / f"m-{qtype}.gguf"
-    export_bitnet_gguf(open_checkpoint(str(tiny_bitnet_src)), out, qtype, tokenizer_pre="smollm")
+    export_bitnet_gguf(tiny_bitnet_src, out, qtype)
     model = _reference_model(tiny_bitnet_src, _gguf_tensors(out))
     with torch.no_grad():
         ref = model(torch.tensor([IDS])).logits[0].numpy()
@@ -258,9 +275,7 @@ def _check_bitnet_checkpoint(src: Path, dst: Path, compiled: bool) -> None:
 def test_safetensors_ternary_loads_in_transformers(tiny_bitnet_src: Path, tmp_path: Path) -> None:
     import json
 
-    from qtool.checkpoint import open_checkpoint
-
-    dst = write_bitnet_checkpoint(open_checkpoint(str(tiny_bitnet_src)), tmp_path / "bn")
+    dst = write_bitnet_checkpoint(tiny_bitnet_src, tmp_path / "bn")
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "bitnet"
     assert cfg["quantization_config"]["linear_class"] == "bitlinear"
@@ -272,9 +287,7 @@ def test_safetensors_ternary_loads_in_transformers(tiny_bitnet_src: Path, tmp_pa
 
 @pytest.mark.slow
 def test_safetensors_ternary_compiled_bitlinear(tiny_bitnet_src: Path, tmp_path: Path) -> None:
-    from qtool.checkpoint import open_checkpoint
-
-    dst = write_bitnet_checkpoint(open_checkpoint(str(tiny_bitnet_src)), tmp_path / "bn")
+    dst = write_bitnet_checkpoint(tiny_bitnet_src, tmp_path / "bn")
     _check_bitnet_checkpoint(tiny_bitnet_src, dst, compiled=True)
 
 
@@ -283,9 +296,7 @@ def test_safetensors_binary_dense(tiny_bitnet_src: Path, tmp_path: Path) -> None
 
     from safetensors.torch import load_file
 
-    from qtool.checkpoint import open_checkpoint
-
-    dst = write_bitnet_checkpoint(open_checkpoint(str(tiny_bitnet_src)), tmp_path / "b1", "binary")
+    dst = write_bitnet_checkpoint(tiny_bitnet_src, tmp_path / "b1", "binary")
     cfg = json.loads((dst / "config.json").read_text())
     assert "quantization_config" not in cfg
     assert cfg["qtool_quantization"]["method"] == "bitnet-1bit"
@@ -306,24 +317,27 @@ def test_safetensors_binary_dense(tiny_bitnet_src: Path, tmp_path: Path) -> None
 
 
 def test_safetensors_refuses_and_leaves_nothing(tiny_bitnet_src: Path, tmp_path: Path) -> None:
-    from qtool.checkpoint import open_checkpoint
+    import json
+    import shutil
 
-    ckpt = open_checkpoint(str(tiny_bitnet_src))
-    (tmp_path / "taken").mkdir()
-    with pytest.raises(BadInputError, match="already exists"):
-        write_bitnet_checkpoint(ckpt, tmp_path / "taken")
-    ckpt.config = {**ckpt.config, "model_type": "qwen2"}
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(BadInputError, match="not a folder"):
+        write_bitnet_checkpoint(tiny_bitnet_src, tmp_path / "taken")
+    qwen = tmp_path / "qwen-src"
+    shutil.copytree(tiny_bitnet_src, qwen)
+    cfg = json.loads((qwen / "config.json").read_text())
+    (qwen / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2"}))
     with pytest.raises(UnsupportedError, match="llama"):
-        write_bitnet_checkpoint(ckpt, tmp_path / "x")
+        write_bitnet_checkpoint(qwen, tmp_path / "x")
     # a failure mid-write (a damaged tensor) removes the temporary folder
-    ckpt = open_checkpoint(str(tiny_bitnet_src))
-    real = ckpt.read
+    from safetensors.torch import load_file, save_file
 
-    def damaged(name: str) -> torch.Tensor:
-        w = real(name)
-        return w * float("nan") if "layers.1.mlp" in name else w
-
-    ckpt.read = damaged  # type: ignore[method-assign]
+    bad = tmp_path / "bad-src"
+    shutil.copytree(tiny_bitnet_src, bad)
+    state = load_file(str(bad / "model.safetensors"))
+    name = next(n for n in state if "layers.1.mlp" in n)
+    state[name] = state[name] * float("nan")
+    save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(BadInputError, match="NaN"):
-        write_bitnet_checkpoint(ckpt, tmp_path / "y")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+        write_bitnet_checkpoint(bad, tmp_path / "y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad-src", "qwen-src", "taken"]

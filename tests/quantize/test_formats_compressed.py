@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qtool.quantize.formats import ActivationQuant
-from qtool.quantize.scheme import QuantScheme
+from qtool.formats.folder import ActivationQuant
+from qtool.grids.affine import QuantScheme
 from tests.quantize.formats_helpers import logits, reference_logits, write
 
 pytest.importorskip("compressed_tensors")

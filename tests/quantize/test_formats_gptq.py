@@ -22,9 +22,9 @@ import torch
 
 from qtool.checkpoint import open_checkpoint
 from qtool.errors import BadInputError, OutputError
-from qtool.quantize.formats import WriteRequest, write_checkpoint
-from qtool.quantize.formats.gptq import pack_weight
-from qtool.quantize.scheme import QuantizedWeight, QuantScheme
+from qtool.formats.folder import WriteRequest, write_checkpoint
+from qtool.formats.gptq import pack_weight
+from qtool.grids.affine import QuantizedWeight, QuantScheme
 from tests.conftest import make_tiny_llama
 from tests.evaluate.conftest import with_tokenizer
 from tests.quantize.formats_helpers import logits, reference_logits, rtn_loaders, write
@@ -187,7 +187,7 @@ def test_read_only_output_dir(tiny_llama: Path, tmp_path: Path, monkeypatch) -> 
         import os
 
         if os.geteuid() == 0:  # root writes anywhere: make the permission check see it
-            monkeypatch.setattr("qtool.quantize.formats.os.access", lambda *a: False)
+            monkeypatch.setattr("qtool.io.os.access", lambda *a: False)
         with pytest.raises(BadInputError, match="not writable"):
             write(tiny_llama, ro / "out", "gptq", QuantScheme(group_size=64))
         assert not list(ro.iterdir())
@@ -231,7 +231,7 @@ def test_failure_leaves_nothing_and_keeps_old_output(tiny_llama: Path, tmp_path:
 def test_shards_and_tied_embeddings(tmp_path: Path, monkeypatch) -> None:
     """Several shards get an index; a tied model gets no lm_head tensor."""
     src = make_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
-    monkeypatch.setattr("qtool.quantize.formats.MAX_SHARD_BYTES", 600_000)
+    monkeypatch.setattr("qtool.formats.folder.MAX_SHARD_BYTES", 600_000)
     _, out = write(src, tmp_path / "o", "gptq", QuantScheme(bits=8, granularity="tensor"))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())

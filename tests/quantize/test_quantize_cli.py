@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from qtool.checkpoint import open_checkpoint
+from qtool.models import family_for
 from tests.conftest import make_tiny_llama
+
+
+def quantized_names(ckpt) -> list[str]:
+    """The decoder linears RTN/GPTQ quantize (the family's predicate)."""
+    fam = family_for(ckpt.config)
+    return [n.removesuffix(".weight") for n, t in ckpt.tensors.items() if fam.is_linear(n, t.shape)]
+
 
 TOKENS = torch.tensor([[1, 17, 230, 5, 999, 42, 7, 311, 64, 128, 3, 900, 12, 77, 500, 2]])
 
@@ -41,7 +49,7 @@ def test_rtn_mse_compressed_tensors_loads_in_transformers(cli, tok32: Path, tmp_
     r = cli("quantize", tok32, "--method", "rtn", "--bits", "4", "-g", "64", "--clip", "mse",
             "--format", "compressed-tensors", "-o", out, "--json")  # fmt: skip
     assert r.exit_code == 0, r.stderr
-    d = r.json()
+    d = r.json()["outputs"][0]
     assert d["format"] == "compressed-tensors" and d["scheme"]["clip"] == "mse"
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
@@ -49,9 +57,8 @@ def test_rtn_mse_compressed_tensors_loads_in_transformers(cli, tok32: Path, tmp_
 
     from transformers import AutoModelForCausalLM
 
-    from qtool.quantize.pipeline import quantized_names
-    from qtool.quantize.reference import apply_dequantized
-    from qtool.quantize.scheme import Clip, QuantScheme, quantize_weight
+    from qtool.evaluate.dequantized import apply_dequantized
+    from qtool.grids.affine import Clip, QuantScheme, quantize_weight
 
     ckpt = open_checkpoint(str(tok32))
     scheme = QuantScheme(4, group_size=64, clip=Clip.parse("mse"))
@@ -73,7 +80,7 @@ def test_smoothquant_is_function_preserving(tok32: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from qtool.calibrate.pipeline import CalibrateOptions, calibrate, prepare
-    from qtool.quantize.smooth import smoothquant
+    from qtool.methods.smoothquant import smoothquant
 
     ckpt = open_checkpoint(str(tok32))
     opts = CalibrateOptions(dataset="canterbury", samples=4, seq_len=64)
@@ -113,11 +120,10 @@ def test_w8a8_smoothquant_loads_and_matches_reference(cli, tok32: Path, tmp_path
     from transformers import AutoModelForCausalLM
 
     from qtool.calibrate.statsfile import load_stats
-    from qtool.quantize.formats import ActivationQuant
-    from qtool.quantize.pipeline import quantized_names
-    from qtool.quantize.reference import apply_dequantized
-    from qtool.quantize.scheme import QuantScheme, quantize_weight
-    from qtool.quantize.smooth import smoothquant, static_input_scales
+    from qtool.evaluate.dequantized import apply_dequantized
+    from qtool.formats.folder import ActivationQuant
+    from qtool.grids.affine import QuantScheme, quantize_weight
+    from qtool.methods.smoothquant import smoothquant, static_input_scales
 
     ckpt = open_checkpoint(str(tok32))
     cal = load_stats(stats)
@@ -151,7 +157,7 @@ def test_gptq_cli_writes_gptq_format(cli, tok32: Path, tmp_path: Path) -> None:
             "-d", "canterbury", "-n", "4", "-L", "64", "-o", out, "--json")  # fmt: skip
     assert r.exit_code == 0, r.stderr
     d = r.json()
-    assert d["format"] == "gptq"
+    assert d["outputs"][0]["format"] == "gptq"
     assert d["gptq_better_than_rtn"] == len(d["layers"]) == 14
     q = json.loads((out / "quantize_config.json").read_text())
     assert q["bits"] == 3 and q["desc_act"] is True and q["group_size"] == 64
@@ -210,8 +216,9 @@ def test_nan_weights_refused_nothing_written(cli, assets, tmp_path: Path, method
     t["model.layers.1.mlp.up_proj.weight"][3, 3] = float("nan")
     save_file(t, str(f), metadata={"format": "pt"})
     out = tmp_path / "o"
-    r = cli("quantize", src, "--method", method, "--bits", "4", "-g", "64", "-d", "canterbury",
-            "-n", "2", "-L", "32", "-o", out)  # fmt: skip
+    calib = ["-d", "canterbury", "-n", "2", "-L", "32"] if method == "gptq" else []
+    r = cli("quantize", src, "--method", method, "--bits", "4", "-g", "64", *calib,
+            "-o", out)  # fmt: skip
     assert r.exit_code == 2, r.stderr
     assert "model.layers.1.mlp.up_proj" in r.stderr and "NaN" in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".o.*"))
@@ -227,7 +234,7 @@ def test_bitnet_gguf_via_cli(cli, assets, tmp_path: Path) -> None:
     r = cli("quantize", src, "--method", "bitnet", "--type", "TQ1_0", "-o", out,
             "--tokenizer-pre", "smollm", "--json")  # fmt: skip
     assert r.exit_code == 0, r.stderr
-    assert r.json()["ternarized_tensors"] == 14
+    assert r.json()["outputs"][0]["methods"]["bitnet"] == 14
     _meta, tensors = read_gguf(out)
     assert tensors["blk.0.attn_q.weight"].dtype == "TQ1_0"
     assert tensors["blk.1.ffn_down.weight"].dtype == "TQ1_0"
@@ -239,7 +246,7 @@ def test_asym_gptq_format_never_needs_zero_point_0(cli, tmp_path: Path) -> None:
     weights (which would want 0) still writes and decodes to what qtool evaluated."""
     from safetensors.torch import load_file, save_file
 
-    from qtool.quantize.formats.gptq import unpack_weight
+    from qtool.formats.gptq import unpack_weight
 
     src = make_tiny_llama(tmp_path / "pos", dtype="float32")
     f = src / "model.safetensors"
@@ -255,7 +262,7 @@ def test_asym_gptq_format_never_needs_zero_point_0(cli, tmp_path: Path) -> None:
     parts = {s: q[f"{name}.{s}"] for s in ("qweight", "qzeros", "scales", "g_idx")}
     dense = unpack_weight(parts, 4, torch.float32)
 
-    from qtool.quantize.scheme import QuantScheme, quantize_weight
+    from qtool.grids.affine import QuantScheme, quantize_weight
 
     want = quantize_weight(name, t[name + ".weight"], QuantScheme(4, sym=False, group_size=64,
                                                                  min_zero=1))  # fmt: skip
@@ -274,7 +281,8 @@ def test_gptq_w8a8_static_scales_from_the_gptq_pass(cli, tok32: Path, tmp_path: 
             "--json")  # fmt: skip
     assert r.exit_code == 0, r.stderr
     d = r.json()
-    assert d["format"] == "compressed-tensors" and d["activations"]["dynamic"] is False
+    o = d["outputs"][0]
+    assert o["format"] == "compressed-tensors" and o["activations"]["dynamic"] is False
     t = load_file(str(out / "model.safetensors"))
     for rep in d["layers"]:
         got = float(t[rep["name"] + ".input_scale"].float().reshape(-1)[0])

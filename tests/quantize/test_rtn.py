@@ -1,4 +1,4 @@
-"""RTN quantization (qtool.quantize.scheme) and range clipping (qtool.quantize.clip) against
+"""RTN quantization (qtool.grids.affine) and range clipping (qtool.grids.clip) against
 formulas written out here, on hand-made and seeded random tensors."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from qtool.errors import BadInputError
-from qtool.quantize.clip import fit_range
-from qtool.quantize.scheme import Clip, QuantizedWeight, QuantScheme, quantize_weight
+from qtool.grids.affine import Clip, QuantizedWeight, QuantScheme, quantize_weight
+from qtool.grids.clip import fit_range
 
 
 def _ref_codes(w: torch.Tensor, bits: int, sym: bool, restricted: bool) -> tuple:

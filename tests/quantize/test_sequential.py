@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from qtool.checkpoint import open_checkpoint
-from qtool.quantize.scheme import QuantScheme
-from qtool.quantize.sequential import (
+from qtool.grids.affine import QuantScheme
+from qtool.runner.sequential import (
     STATE,
     SequentialOptions,
     WorkDir,
@@ -53,13 +53,26 @@ def _ids(n: int = 6, seq: int = 64) -> torch.Tensor:
     return torch.randint(0, 1024, (n, seq), generator=torch.Generator().manual_seed(0))
 
 
+def _grids(ckpt, scheme: QuantScheme) -> dict[str, list[QuantScheme]]:
+    """Every decoder linear on ``scheme`` (the family's predicate)."""
+    from qtool.models import family_for
+
+    fam = family_for(ckpt.config)
+    return {
+        n.removesuffix(".weight"): [scheme]
+        for n, t in ckpt.tensors.items()
+        if fam.is_linear(n, tuple(t.shape))
+    }
+
+
 def _run(src: Path, work: Path, **kw: object):
     ckpt = open_checkpoint(str(src))
-    opts = SequentialOptions(QuantScheme(4, group_size=64), **kw)  # type: ignore[arg-type]
+    opts = SequentialOptions(**kw)  # type: ignore[arg-type]
+    grids = _grids(ckpt, QuantScheme(4, group_size=64))
     ids = _ids()
-    wd = WorkDir.open(work, run_identity(ckpt, ids, opts), resume=False)
-    res = gptq_model(ckpt, ids, opts, wd)
-    return res, {k: f() for k, f in res.weights.items()}
+    wd = WorkDir.open(work, run_identity(ckpt, ids, opts, grids), resume=False)
+    res = gptq_model(ckpt, ids, grids, opts, wd)
+    return res, {k[0]: f() for k, f in res.weights.items()}
 
 
 def test_llama_input_groups(tiny32: Path) -> None:
@@ -119,9 +132,10 @@ def test_smollm2_every_layer_beats_rtn(assets, tmp_path: Path) -> None:
     ckpt = open_checkpoint(str(assets.smollm2_hf))
     copts = CalibrateOptions(dataset="canterbury", samples=8, seq_len=256)
     ids = prepare(ckpt, copts).samples.ids
-    opts = SequentialOptions(QuantScheme(4, group_size=64))
-    wd = WorkDir.open(tmp_path / "w", run_identity(ckpt, ids, opts), resume=False)
-    res = gptq_model(ckpt, ids, opts, wd)
+    opts = SequentialOptions()
+    grids = _grids(ckpt, QuantScheme(4, group_size=64))
+    wd = WorkDir.open(tmp_path / "w", run_identity(ckpt, ids, opts, grids), resume=False)
+    res = gptq_model(ckpt, ids, grids, opts, wd)
     assert len(res.reports) == 210
     worse = [r["name"] for r in res.reports if r["gptq_rel_error"] >= r["rtn_rel_error"]]
     assert not worse, worse
@@ -183,9 +197,10 @@ def test_killed_run_resumes_to_the_same_bytes(deep_tok: Path, tmp_path: Path) ->
 
 def test_resume_from_another_run_refused(cli, deep_tok: Path, tmp_path: Path) -> None:
     ckpt = open_checkpoint(str(deep_tok))
-    opts = SequentialOptions(QuantScheme(3, group_size=64))
+    opts = SequentialOptions()
     work = tmp_path / "work"
-    wd = WorkDir.open(work, run_identity(ckpt, _ids(), opts), resume=False)
+    grids = _grids(ckpt, QuantScheme(3, group_size=64))
+    wd = WorkDir.open(work, run_identity(ckpt, _ids(), opts, grids), resume=False)
     wd.save_layer(0, [], [torch.zeros(1)], [])
     r = cli(*_cmd(deep_tok, tmp_path / "o", "--resume", str(work))[3:])
     assert r.exit_code == 2

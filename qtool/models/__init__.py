@@ -1,0 +1,12 @@
+"""Model families: one module per architecture family, registered by the HF ``model_type``
+values it serves. ``family_for(config)`` finds the one for a checkpoint.
+
+Adding an architecture = one module here (a :class:`Family` subclass overriding only what
+differs from the llama-like base) + its import below + its tests (README, "Adding a model
+family").
+"""
+
+from qtool.models import gemma3, llama, phi3, qwen  # noqa: F401  (registration)
+from qtool.models.base import Family, GenericFamily, GGUFTensor, family_for, supported
+
+__all__ = ["Family", "GGUFTensor", "GenericFamily", "family_for", "supported"]

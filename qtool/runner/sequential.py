@@ -1,0 +1,649 @@
+"""GPTQ over a whole model: one decoder layer in memory at a time, the quantized outputs of
+layer ``i`` feeding layer ``i + 1``, and a checkpoint after every layer (``--resume``).
+
+Each linear is quantized on the grid (or grids: one calibration pass can feed several outputs)
+it is given; linears given none stay as they are. Within a layer the linear modules are grouped
+by the input they read (found by running the layer once: q/k/v share one input, gate/up
+another, in the order the forward calls them). With *true-sequential* quantization each group's
+Hessian is collected with the earlier groups already quantized (AutoGPTQ ``true_sequential``);
+otherwise all groups see the float layer. When a linear is quantized on several grids (several
+outputs), the float weights propagate (there is no single quantized model to feed forward).
+
+A pass over the calibration samples collects one group's inputs and stops the forward there
+(an exception from the first hook of the group), so nothing after it runs. Modules whose
+linears are all quantized are *frozen*: their outputs cannot change any more, so the outermost
+ones record their outputs the first time they run and return them in the later passes instead
+of recomputing (the attention block runs once with its quantized q/k/v, for example). Every
+linear and the attention thus run once per layer; only norms and the like repeat. The final
+pass computes the layer's output, which becomes the next layer's input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qtool import __version__
+from qtool.calibrate.stats import HessianAccumulator
+from qtool.calibrate.statsfile import model_identity
+from qtool.checkpoint import Checkpoint
+from qtool.errors import BadInputError, OutputError, QToolError
+from qtool.events import SILENT, Reporter
+from qtool.grids.base import Grid, QuantizedTensor
+from qtool.io import save_tensors, write_text
+from qtool.methods.gptq import GPTQConfig, gptq_quantize
+from qtool.runner.layers import (
+    LayerArgs,
+    WeightLoader,
+    _parts,
+    buffers_to,
+    build_skeleton,
+    embedding_pass,
+    pick_device,
+)
+
+STATE = "state.json"
+WORK_VERSION = 2
+
+
+class _StopLayer(Exception):
+    """Raised by a hook once the inputs a pass collects have been seen."""
+
+
+@dataclass
+class SequentialOptions:
+    """What the layer-by-layer GPTQ run needs besides the model, the samples and the grids."""
+
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    true_sequential: bool = True
+    batch_size: int = 1
+    device: str = "auto"
+    cache_outputs: bool = True  # reuse frozen modules' outputs (off only to test that it is exact)
+    input_absmax: bool = False  # record each linear's input max |x| (static activation scales)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "gptq": self.gptq.to_json(),
+            "true_sequential": self.true_sequential,
+            "batch_size": self.batch_size,
+            "input_absmax": self.input_absmax,
+        }
+
+
+@dataclass
+class LinearReport:
+    """How well one linear was reconstructed on its calibration inputs: ``||(W - Q) X|| /
+    ||W X||`` for GPTQ and for plain RTN on the same grid (computed from the Hessian)."""
+
+    name: str
+    grid: str
+    gptq_rel_error: float
+    rtn_rel_error: float
+    damp: float
+    input_absmax: float | None
+
+
+# -- the resume directory -------------------------------------------------------------------------
+
+
+def _key(name: str, grid: str) -> str:
+    return f"{name}@{grid}"
+
+
+class WorkDir:
+    """Per-layer results, the hidden states entering the next layer, and ``state.json`` naming
+    the run (model, samples, options, grids) and how many layers are done. Every file is written
+    to a temporary name and renamed; ``state.json`` goes last, so a run killed at any moment
+    leaves a consistent directory."""
+
+    def __init__(self, path: Path, run: dict[str, Any]) -> None:
+        self.path = path
+        self.run = run
+        self.layers_done = 0
+        self.reports: list[dict[str, Any]] = []
+
+    @classmethod
+    def open(cls, path: Path, run: dict[str, Any], *, resume: bool) -> WorkDir:
+        work = cls(path, run)
+        state_file = path / STATE
+        if not state_file.exists():
+            if path.exists() and any(path.iterdir()):
+                raise BadInputError(
+                    f"{path}: not an empty directory and not a qtool GPTQ run",
+                    hint="pass an empty or new directory to --resume",
+                )
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OutputError(f"{path}: cannot create the work directory ({e.strerror})") from e
+            return work
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError) as e:
+            raise BadInputError(
+                f"{state_file}: unreadable ({e})", hint="delete the directory"
+            ) from e
+        if not resume:
+            raise BadInputError(
+                f"{path} holds an interrupted GPTQ run ({state.get('layers_done', 0)} layers done)",
+                hint=f"continue it with --resume {path}, or delete the directory",
+            )
+        diff = _diff(state.get("run", {}), run)
+        if diff:
+            raise BadInputError(
+                f"--resume {path}: that directory is from another run (differs in {diff})",
+                hint="rerun with the options of the interrupted run, or use a new directory",
+            )
+        work.layers_done = int(state["layers_done"])
+        work.reports = list(state.get("reports", []))
+        return work
+
+    def layer_file(self, i: int) -> Path:
+        return self.path / f"layer_{i:04d}.safetensors"
+
+    def hidden_file(self, i: int) -> Path:
+        return self.path / f"hidden_{i:04d}.safetensors"
+
+    def save_layer(
+        self,
+        i: int,
+        weights: list[tuple[str, QuantizedTensor]],
+        hidden: list[torch.Tensor],
+        reports: list[LinearReport],
+    ) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for grid_key, w in weights:
+            for field_name, t in w.state().items():
+                tensors[f"{_key(w.name, grid_key)}.{field_name}"] = t.contiguous()
+        save_tensors(tensors, self.layer_file(i))
+        save_tensors(
+            {f"h{j}": h.detach().to("cpu").contiguous() for j, h in enumerate(hidden)},
+            self.hidden_file(i + 1),
+        )
+        self.layers_done = i + 1
+        self.reports.extend(r.__dict__ for r in reports)
+        state = {
+            "version": WORK_VERSION,
+            "run": self.run,
+            "layers_done": self.layers_done,
+            "reports": self.reports,
+        }
+        write_text(self.path / STATE, json.dumps(state, indent=1))
+        old = self.hidden_file(i)
+        if old.exists():
+            old.unlink()
+
+    def load_hidden(self, device: torch.device) -> list[torch.Tensor]:
+        from safetensors.torch import load_file
+
+        data = load_file(str(self.hidden_file(self.layers_done)))
+        return [data[f"h{j}"].to(device) for j in range(len(data))]
+
+    def weights(
+        self, n_layers: int, grids: dict[str, Grid]
+    ) -> dict[tuple[str, str], Callable[[], QuantizedTensor]]:
+        """Lazy loaders of every quantized weight, by (module name, grid key)."""
+        from safetensors import safe_open
+
+        out: dict[tuple[str, str], Callable[[], QuantizedTensor]] = {}
+        for i in range(n_layers):
+            path = self.layer_file(i)
+            with safe_open(str(path), "pt") as f:
+                keys = sorted({k.rsplit(".", 1)[0] for k in f.keys()})  # noqa: SIM118
+            for k in keys:
+                name, grid_key = k.rsplit("@", 1)
+                out[(name, grid_key)] = _loader(path, name, grids[grid_key])
+        return out
+
+
+def _loader(path: Path, name: str, grid: Grid) -> Callable[[], QuantizedTensor]:
+    def load() -> QuantizedTensor:
+        from safetensors import safe_open
+
+        prefix = _key(name, grid.key) + "."
+        with safe_open(str(path), "pt") as f:
+            state = {
+                k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.startswith(prefix)
+            }
+        return grid.restore(name, state)
+
+    return load
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str:
+    keys = sorted(set(a) | set(b))
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            d = _diff(va, vb, f"{prefix}{k}.")
+            if d:
+                return d
+        elif va != vb:
+            return f"{prefix}{k}: {va} -> {vb}"
+    return ""
+
+
+def run_identity(
+    ckpt: Checkpoint, ids: torch.Tensor, opts: SequentialOptions, grids: dict[str, list[Grid]]
+) -> dict[str, Any]:
+    """What makes two runs the same run: model, samples, options, grids, qtool version."""
+    ids32 = ids.to(torch.int32).contiguous().numpy().tobytes()
+    by_grid: dict[str, int] = {}
+    for gs in grids.values():
+        for g in gs:
+            by_grid[g.key] = by_grid.get(g.key, 0) + 1
+    return {
+        "model": model_identity(ckpt),
+        "samples": {
+            "shape": list(ids.shape),
+            "tokens_sha256": hashlib.sha256(ids32).hexdigest(),
+        },
+        "options": opts.to_json(),
+        "grids": {
+            "linears": len(grids),
+            "per_grid": dict(sorted(by_grid.items())),
+            "sha256": hashlib.sha256(
+                json.dumps({k: [g.key for g in v] for k, v in sorted(grids.items())}).encode()
+            ).hexdigest(),
+        },
+        "qtool_version": __version__,
+    }
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    return obj
+
+
+@dataclass
+class LayerPlan:
+    """What one run of a layer shows: its linears grouped by input, and the *tail* modules,
+    whose output is the output of one of their own linears (the attention block returns
+    ``o_proj(...)``, the MLP ``down_proj(...)``): once that linear is quantized, such a module's
+    output is the linear applied to its recorded input, with nothing before it recomputed."""
+
+    groups: list[list[str]]
+    tails: dict[str, tuple[str, int | None]]  # module -> (its tail linear, tuple length or None)
+
+
+def discover(
+    layer: nn.Module, linears: dict[str, nn.Linear], run_once: Callable[[], Any]
+) -> LayerPlan:
+    """Run ``layer`` once and read its structure: input groups (in call order) and tails."""
+    seen: list[tuple[str, torch.Tensor]] = []  # holding the tensors keeps their identity unique
+    lin_out: list[tuple[str, torch.Tensor]] = []
+    mod_out: list[tuple[str, Any]] = []
+    hooks = []
+    for n, m in linears.items():
+        hooks.append(m.register_forward_pre_hook(lambda _m, a, n=n: seen.append((n, a[0]))))
+        hooks.append(m.register_forward_hook(lambda _m, _a, o, n=n: lin_out.append((n, o))))
+    for n, m in layer.named_modules():
+        if n and n not in linears and any(ln.startswith(n + ".") for ln in linears):
+            hooks.append(m.register_forward_hook(lambda _m, _a, o, n=n: mod_out.append((n, o))))
+    try:
+        with torch.no_grad():
+            run_once()
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for name, x in seen:
+        for inp, members in groups:
+            if inp is x:
+                if name not in members:
+                    members.append(name)
+                break
+        else:
+            if not any(name in m for _, m in groups):
+                groups.append((x, [name]))
+    missing = set(linears) - {n for _, m in groups for n in m}
+    if missing:
+        raise QToolError(f"linear layers never called by the forward: {sorted(missing)}")
+    tails: dict[str, tuple[str, int | None]] = {}
+    for n, out in mod_out:
+        first, size = out, None
+        if isinstance(out, tuple):
+            if not out or any(o is not None for o in out[1:]):
+                continue
+            first, size = out[0], len(out)
+        for ln, lo in lin_out:
+            if lo is first and ln.startswith(n + "."):
+                tails[n] = (ln, size)
+    return LayerPlan([m for _, m in groups], tails)
+
+
+class _LayerPasses:
+    """Runs one decoder layer over every batch, with input-collecting hooks, an early stop and
+    the frozen-module output cache described in the module docstring."""
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        linears: dict[str, nn.Linear],
+        hidden: list[torch.Tensor],
+        args: list[tuple[tuple[Any, ...], dict[str, Any]]],
+        device: torch.device,
+        cache_outputs: bool,
+        tails: dict[str, tuple[str, int | None]] | None = None,
+    ) -> None:
+        self.layer = layer
+        self.tails: dict[str, tuple[str, int | None]] = (tails or {}) if cache_outputs else {}
+        self.tail_linears = {ln for ln, _ in (tails or {}).values()}
+        self.saved: dict[str, list[torch.Tensor]] = {}  # tail linear -> its inputs, per batch
+        self.linears = linears
+        self.hidden = hidden
+        self.args = args
+        self.device = device
+        self.cache_outputs = cache_outputs
+        self.cache: dict[str, list[Any]] = {}
+        self.modules = {n: m for n, m in layer.named_modules() if n}
+        self.lin_under = {
+            n: {ln for ln in linears if ln == n or ln.startswith(n + ".")} for n in self.modules
+        }
+
+    def _frozen(self, quantized: set[str]) -> list[str]:
+        return [n for n, lins in self.lin_under.items() if lins and lins <= quantized]
+
+    def run(
+        self,
+        quantized: set[str],
+        collect: dict[str, HessianAccumulator] | None,
+        on_batch: Callable[[], None],
+    ) -> list[torch.Tensor] | None:
+        """One pass. ``collect`` maps the first linear of each group to collect to its
+        accumulator (the pass stops once all have been seen); ``None``: the full forward, whose
+        outputs are returned."""
+        frozen = set(self._frozen(quantized)) if self.cache_outputs else set()
+        maximal = {n for n in frozen if "." not in n or n.rsplit(".", 1)[0] not in frozen}
+        # a module whose parent's tail input is being recorded now is not needed afterwards:
+        # the parent is computed from that input in the next pass (q/k/v under the attention)
+        saving = set(collect or ()) & self.tail_linears
+        skip = {
+            n
+            for n in maximal
+            if "." in n and self.tails.get(n.rsplit(".", 1)[0], ("",))[0] in saving
+        }
+        record: dict[str, list[Any]] = {
+            n: [] for n in maximal if n not in self.cache and n not in skip
+        }
+        j_now = [0]
+        patched, hooks = [], []
+        used: set[str] = set()
+        for n in frozen:
+            mod = self.modules[n]
+            if n in self.cache:
+                entries = self.cache[n]
+                object.__setattr__(mod, "forward", lambda *a, _e=entries, **k: _e[j_now[0]])
+                patched.append(mod)
+            elif n in self.tails and len(self.saved.get(self.tails[n][0], ())) == len(self.hidden):
+                lname, size = self.tails[n]
+                object.__setattr__(mod, "forward", self._tail_forward(lname, size, j_now))
+                patched.append(mod)
+                used.add(lname)
+        for n, store in record.items():
+            hooks.append(
+                self.modules[n].register_forward_hook(
+                    lambda _m, _a, out, _s=store: _s.append(_to(out, self.device))
+                )
+            )
+        pending: set[str] = set()
+        if collect is not None:
+            for lname, acc in collect.items():
+                keep = self.saved.setdefault(lname, []) if lname in self.tail_linears else None
+
+                def pre(
+                    _m: nn.Module, a: tuple[Any, ...], _n: str = lname, _acc=acc, _keep=keep
+                ) -> None:
+                    _acc.add(a[0])
+                    if _keep is not None:
+                        _keep.append(a[0].detach())
+                    pending.discard(_n)
+                    if not pending:
+                        raise _StopLayer
+
+                hooks.append(self.linears[lname].register_forward_pre_hook(pre))
+        outputs: list[torch.Tensor] = []
+        try:
+            with torch.no_grad():
+                for j, h in enumerate(self.hidden):
+                    j_now[0] = j
+                    pending.clear()
+                    pending.update(collect or ())
+                    args, kwargs = self.args[j]
+                    try:
+                        out = self.layer(h.to(self.device), *args, **kwargs)
+                    except _StopLayer:
+                        on_batch()
+                        continue
+                    if collect is not None:
+                        raise QToolError("a GPTQ pass ended without reaching its linear layers")
+                    outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
+                    on_batch()
+        finally:
+            for mod in patched:
+                del mod.forward
+            for hk in hooks:
+                hk.remove()
+        # keep what the next pass can use: outputs of the outermost frozen modules, recorded
+        # for every batch (a module the early stop cut off is recomputed instead)
+        for lname in used:
+            del self.saved[lname]
+        done = {n: r for n, r in record.items() if len(r) == len(self.hidden)}
+        self.cache = {
+            n: self.cache[n] if n in self.cache else done[n]
+            for n in maximal
+            if n in self.cache or n in done
+        }
+        return outputs if collect is None else None
+
+    def _tail_forward(self, lname: str, size: int | None, j_now: list[int]) -> Callable[..., Any]:
+        linear, saved = self.linears[lname], self.saved[lname]
+
+        def forward(*_a: Any, **_k: Any) -> Any:
+            y = linear(saved[j_now[0]])
+            return y if size is None else (y, *([None] * (size - 1)))
+
+        return forward
+
+
+# -- the model -------------------------------------------------------------------------------------
+
+
+@dataclass
+class SequentialResult:
+    weights: dict[tuple[str, str], Callable[[], QuantizedTensor]]  # (module, grid key) -> loader
+    reports: list[dict[str, Any]]
+    seconds: float
+    resumed_from: int
+    device: str
+
+
+def _hessian_error(d: torch.Tensor, h: torch.Tensor) -> float:
+    """``||D X||^2`` up to the factor ``n/2``: ``sum((D H) * D)``."""
+    return float(((d @ h) * d).sum().clamp_min(0))
+
+
+def gptq_model(
+    ckpt: Checkpoint,
+    ids: torch.Tensor,
+    grids: dict[str, list[Grid]],
+    opts: SequentialOptions,
+    work: WorkDir,
+    *,
+    reporter: Reporter = SILENT,
+) -> SequentialResult:
+    """Quantize with GPTQ every decoder linear named in ``grids`` (module name -> the grids to
+    quantize it on) layer by layer on the token ``ids``."""
+    t0 = time.perf_counter()
+    device = pick_device(opts.device)
+    torch.backends.cuda.matmul.allow_tf32 = False  # reproducible, as the reference code
+    torch.backends.cudnn.allow_tf32 = False
+    dtype = torch.float32
+    model = build_skeleton(ckpt, dtype)
+    parts = _parts(model)
+    loader = WeightLoader(ckpt, device, dtype)
+    n_layers = len(parts.layers)
+    batches = list(ids.split(max(1, opts.batch_size)))
+    total = n_layers + 1
+    buffers_to(model, device)
+    propagate = all(len(g) == 1 for g in grids.values())
+    all_grids = {g.key: g for gs in grids.values() for g in gs}
+
+    reporter.stage("embeddings", 0, total, len(batches))
+    s0 = time.perf_counter()
+    hidden, layer_args = embedding_pass(model, parts, loader, batches, device, device, reporter)
+    reporter.stage_done("embeddings", time.perf_counter() - s0)
+    start = work.layers_done
+    if start:
+        hidden = work.load_hidden(device)
+        reporter.info(f"resuming at layer {start} of {n_layers} from {work.path}")
+
+    for i in range(start, n_layers):
+        s0 = time.perf_counter()
+        layer = parts.layers[i]
+        prefix = f"{parts.layers_name}.{i}."
+        loader.load(layer, prefix)
+        try:
+            weights, reports, hidden = _quantize_layer(
+                layer,
+                prefix,
+                hidden,
+                layer_args,
+                batches,
+                grids,
+                opts,
+                device,
+                reporter,
+                i,
+                total,
+                propagate,
+            )
+        finally:
+            WeightLoader.unload(layer)
+        work.save_layer(i, weights, hidden, reports)
+        reporter.stage_done(f"layer {i}", time.perf_counter() - s0)
+
+    return SequentialResult(
+        weights=work.weights(n_layers, all_grids),
+        reports=work.reports,
+        seconds=time.perf_counter() - t0,
+        resumed_from=start,
+        device=str(device),
+    )
+
+
+def _quantize_layer(
+    layer: nn.Module,
+    prefix: str,
+    hidden: list[torch.Tensor],
+    layer_args: LayerArgs,
+    batches: list[torch.Tensor],
+    grids: dict[str, list[Grid]],
+    opts: SequentialOptions,
+    device: torch.device,
+    reporter: Reporter,
+    index: int,
+    total: int,
+    propagate: bool,
+) -> tuple[list[tuple[str, QuantizedTensor]], list[LinearReport], list[torch.Tensor]]:
+    all_linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    # the linears GPTQ quantizes here; the others run as they are
+    linears = {n: m for n, m in all_linears.items() if prefix + n in grids}
+    args = [layer_args[b.shape[0]][index] for b in batches]
+    for n, m in linears.items():
+        for grid in grids[prefix + n]:
+            grid.check(prefix + n, tuple(m.weight.shape))
+    for n, p in layer.named_parameters():
+        if not torch.isfinite(p).all():
+            raise BadInputError(
+                f"{prefix}{n}: {int((~torch.isfinite(p)).sum())} weight(s) are NaN or infinite",
+                hint="the checkpoint is damaged",
+            )
+
+    def once() -> Any:
+        a, k = args[0]
+        return layer(hidden[0].to(device), *a, **k)
+
+    if not linears:
+        reporter.stage(f"layer {index}", index + 1, total, len(batches))
+        passes = _LayerPasses(layer, {}, hidden, args, device, False)
+        out = passes.run(set(), None, reporter.batch)
+        assert out is not None
+        return [], [], out
+
+    plan = discover(layer, linears, once)
+    groups = plan.groups
+    sequential = opts.true_sequential and propagate
+    stages = groups if sequential else [[n for g in groups for n in g]]
+    # a tail linear's recorded input is final only if every earlier group was quantized when it
+    # was recorded: true-sequential runs only
+    tails = plan.tails if sequential else {}
+    cache = opts.cache_outputs and propagate
+    passes = _LayerPasses(layer, linears, hidden, args, device, cache, tails)
+    n_passes = len(stages) + 1
+    reporter.stage(f"layer {index}", index + 1, total, n_passes * len(batches))
+
+    quantized: set[str] = set()
+    results: list[tuple[str, QuantizedTensor]] = []
+    reports: list[LinearReport] = []
+    for stage in stages:
+        stage_groups = [g for g in groups if g[0] in stage]
+        accs = {
+            g[0]: HessianAccumulator(linears[g[0]].in_features, device, absmax=opts.input_absmax)
+            for g in stage_groups
+        }
+        passes.run(quantized, accs, reporter.batch)
+        for g in stage_groups:
+            acc = accs[g[0]]
+            h = acc.hessian()
+            for name in g:
+                lin = linears[name]
+                full = prefix + name
+                w = lin.weight.detach().to(torch.float32)
+                ref = _hessian_error(w, h)
+                for grid in grids[full]:
+                    r = gptq_quantize(full, w, h, grid, opts.gptq)
+                    if r.damp_used > opts.gptq.damp:
+                        reporter.warn(
+                            f"{full}: the Hessian is not positive definite at damp "
+                            f"{opts.gptq.damp:g}; dampened with {r.damp_used:g} instead"
+                        )
+                    deq = r.weight.dequantize().to(device)
+                    rtn = grid.rtn(full, w, torch.diag(h) / 2).dequantize().to(device)
+                    reports.append(
+                        LinearReport(
+                            name=full,
+                            grid=grid.key,
+                            gptq_rel_error=(_hessian_error(w - deq, h) / ref) ** 0.5
+                            if ref
+                            else 0.0,
+                            rtn_rel_error=(_hessian_error(w - rtn, h) / ref) ** 0.5 if ref else 0.0,
+                            damp=r.damp_used,
+                            input_absmax=float(acc.absmax.max())
+                            if acc.absmax is not None
+                            else None,
+                        )
+                    )
+                    if propagate:
+                        lin.weight.data = deq.to(lin.weight.dtype)
+                    results.append((grid.key, r.weight))
+                quantized.add(name)
+            del acc
+    if not propagate:
+        quantized = set()  # the float weights stand: nothing is frozen by quantization
+    out = passes.run(quantized, None, reporter.batch)
+    assert out is not None
+    return results, reports, out

@@ -175,6 +175,11 @@ class Family:
             return ("attn_" in name or "ffn_" in name) and "ffn_gate_inp" not in name
         return _LAYER.search(name) is not None and ".mlp.gate.weight" not in name
 
+    def expert_of(self, hf_name: str) -> Any:
+        """For a mixture-of-experts family, the routed expert a per-expert tensor or linear
+        belongs to (:class:`qtool.models.moe.ExpertRef`); None for dense families."""
+        return None
+
     def skip(self, hf_name: str) -> bool:
         """Tensors llama.cpp does not load (rotary caches, a duplicated tied lm_head)."""
         if hf_name.endswith(_SKIP_SUFFIXES):

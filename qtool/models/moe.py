@@ -243,34 +243,3 @@ def _by_expert(part: int | None = None) -> Any:
             yield x
 
     return build
-
-
-def active_parameters(family: Family, tensors: Mapping[str, Any]) -> dict[str, int] | None:
-    """Total, expert and active parameter counts of an MoE checkpoint from its tensor shapes
-    (active: everything but the routed experts, plus ``top_k`` experts' worth per token)."""
-    if not isinstance(family, MoEFamily) or family.n_expert < 2:
-        return None
-    total = expert = 0
-    for name, info in tensors.items():
-        n = _numel(info.shape)
-        total += n
-        if family.expert_of(name) is not None or _FUSED.match(name):
-            expert += n
-    if family.tied and "lm_head.weight" in tensors:  # tied weights are one parameter
-        total -= _numel(tensors["lm_head.weight"].shape)
-    per_expert = expert // family.n_expert
-    return {
-        "total": total,
-        "experts": expert,
-        "per_expert": per_expert,
-        "n_expert": family.n_expert,
-        "top_k": family.n_expert_used,
-        "active": total - expert + family.n_expert_used * per_expert,
-    }
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n

@@ -53,6 +53,8 @@ class LayerwiseResult:
     dtype: str
     seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # MoE: tokens routed to each expert (top-k), per layer index
+    routed: dict[int, list[int]] = field(default_factory=dict)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -108,6 +110,7 @@ def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
             model = AutoModelForCausalLM.from_config(
                 config, dtype=dtype, attn_implementation=attn, trust_remote_code=False
             )
+            _install_moe(model, ckpt, dtype)
     except (ValueError, KeyError, ImportError) as e:
         raise UnsupportedError(
             f"{ckpt.source}: transformers cannot build this architecture "
@@ -116,6 +119,18 @@ def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
         ) from e
     model.eval()
     return model
+
+
+def _install_moe(model: nn.Module, ckpt: Checkpoint, dtype: torch.dtype) -> None:
+    """Mixture-of-experts families: one ``nn.Linear`` per expert (:mod:`qtool.runner.moe`)."""
+    from qtool.models import family_for
+
+    spec = getattr(family_for(ckpt.config, strict=False), "moe_spec", lambda: None)()
+    if spec is not None:
+        from qtool.runner.moe import install_moe_blocks
+
+        install_moe_blocks(_parts(model).layers, spec)
+        model.to(dtype)
 
 
 @dataclass
@@ -176,14 +191,27 @@ class WeightLoader:
         self.dtype = dtype
         self.bytes_read = 0
 
-    def _find(self, name: str) -> str:
-        t = self.ckpt.tensors
+    def _candidates(self, name: str) -> list[str]:
         cands = [name, f"model.{name}", name.removeprefix("model.")]
         if name.startswith("model."):
             cands.append("model.language_model." + name.removeprefix("model."))
-        for c in cands:
+        return cands
+
+    def _reader(self, name: str) -> tuple[str, Callable[[], torch.Tensor]]:
+        """(what is read, how) for the model's parameter ``name``: the checkpoint tensor of that
+        name, else through transformers' weight conversions (:func:`qtool.runner.moe.
+        conversion_reader`: fused MoE experts built from per-expert tensors, or sliced)."""
+        t = self.ckpt.tensors
+        for c in self._candidates(name):
             if c in t:
-                return c
+                return c, lambda c=c: self.ckpt.read(c)
+        from qtool.runner.moe import conversion_reader
+
+        model_type = str(self.ckpt.config.get("model_type", ""))
+        for c in self._candidates(name):
+            reader = conversion_reader(t, self.ckpt.read, model_type, c)
+            if reader is not None:
+                return c, reader
         raise UnsupportedError(
             f"{self.ckpt.source}: the model needs tensor {name}, which the checkpoint lacks",
             hint="is the checkpoint complete, and is it the architecture config.json names?",
@@ -192,16 +220,21 @@ class WeightLoader:
     def load(self, module: nn.Module, prefix: str) -> None:
         """Materialize every parameter of ``module`` (named ``prefix + name`` in the model)."""
         for pname, param in list(module.named_parameters()):
-            src = self._find(prefix + pname)
-            info = self.ckpt.tensors[src]
-            if tuple(info.shape) != tuple(param.shape):
+            src, read = self._reader(prefix + pname)
+            info = self.ckpt.tensors.get(src)
+            if info is not None and tuple(info.shape) != tuple(param.shape):
                 raise UnsupportedError(
                     f"{self.ckpt.source}: tensor {src} has shape {tuple(info.shape)}, "
                     f"the config implies {tuple(param.shape)}"
                 )
-            t = self.ckpt.read(src)
+            t = read()
+            self.bytes_read += info.nbytes if info is not None else t.numel() * t.element_size()
+            if tuple(t.shape) != tuple(param.shape):
+                raise UnsupportedError(
+                    f"{self.ckpt.source}: {src} reads as shape {tuple(t.shape)}, "
+                    f"the config implies {tuple(param.shape)}"
+                )
             t = t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
-            self.bytes_read += info.nbytes
             _set(module, pname, nn.Parameter(t, requires_grad=False))
         for bname, buf in list(module.named_buffers()):
             if buf.device.type != "meta":
@@ -311,9 +344,13 @@ def calibrate_layerwise(
     lm_head: bool = True,
     progress: Reporter | None = None,
     cache_device: torch.device | None = None,
+    all_experts: bool = False,
 ) -> LayerwiseResult:
     """Collect input/output statistics of every linear layer of ``ckpt`` on token ``ids``
-    (``[samples, seq_len]``), one decoder layer at a time."""
+    (``[samples, seq_len]``), one decoder layer at a time. MoE layers count the tokens routed to
+    each expert; ``all_experts`` runs every token through every expert for the statistics."""
+    from qtool.runner.moe import set_all_experts, take_routed
+
     t0 = time.perf_counter()
     device = device or pick_device()
     progress = progress or SILENT
@@ -338,12 +375,14 @@ def calibrate_layerwise(
 
     # -- 2. decoder layers, one at a time --------------------------------------------------------
     stats: dict[str, LinearStats] = {}
+    routed: dict[int, list[int]] = {}
     for i, layer in enumerate(real):
         s0 = time.perf_counter()
         name = f"layer {i}"
         progress.stage(name, i + 1, total, len(batches))
         prefix = f"{parts.layers_name}.{i}."
         loader.load(layer, prefix)
+        set_all_experts(layer, all_experts)
         col = StatsCollector(device, hessian=hessian)
         col.attach(layer, prefix)
         try:
@@ -362,6 +401,8 @@ def calibrate_layerwise(
             ) from e
         finally:
             stats.update(col.detach())
+            if (counts := take_routed(layer)) is not None:
+                routed[i] = counts
             WeightLoader.unload(layer)
         stage_s[name] = time.perf_counter() - s0
         progress.stage_done(name, stage_s[name])
@@ -390,6 +431,7 @@ def calibrate_layerwise(
         dtype=str(dtype).removeprefix("torch."),
         seconds=time.perf_counter() - t0,
         stage_seconds=stage_s,
+        routed=routed,
     )
 
 

@@ -160,6 +160,7 @@ def calibrate(
     device: str = "auto",
     dtype: str = "float32",
     hessian: bool = False,
+    all_experts: bool = False,
     revision: str | None = None,
     top: int = 10,
     outlier_factor: float = 20.0,
@@ -182,6 +183,7 @@ def calibrate(
         device=device,
         dtype=dtype,
         hessian=hessian,
+        all_experts=all_experts,
     )
     data, stats = run_calibrate(
         src,

@@ -228,12 +228,28 @@ def _plan_gguf(
             if method != "rtn" or ckpt.format == "gguf":
                 out.grids[module] = grid
                 out.methods[module] = method
+        elif quantized and _merged_gptq(recipe, family, e, ckpt.format):
+            method = "gptq"  # MoE experts: GPTQ per expert, stacked into the merged tensor
+            for s in e.tensor.sources:
+                out.grids[s.removesuffix(".weight")] = GGUFGrid(e.qtype)
+                out.methods[s.removesuffix(".weight")] = "gptq"
         elif quantized:
             method = "rtn"
         elif ckpt.format == "gguf" and e.source_type == e.qtype:
             grid_key = None  # copied as stored (norms, float factors)
         out.entries.append(TensorPlan(e.name, hf, e.shape, grid_key, method, e.nbytes))
     return out
+
+
+def _merged_gptq(recipe: Recipe, family: Family, e: Any, fmt: str) -> bool:
+    """Whether a merged GGUF tensor (MoE experts) is GPTQ'd source by source."""
+    from qtool.grids.gguf import GGUFGrid
+
+    srcs = e.tensor.sources
+    if fmt == "gguf" or len(srcs) < 2 or e.tensor.hf_name is not None:
+        return False
+    grid = GGUFGrid(e.qtype)
+    return all(_assign(recipe, family, s, e.name, grid) == "gptq" for s in srcs)
 
 
 def _hf_names_of_gguf(ckpt: Checkpoint, family: Family) -> dict[str, str]:
@@ -568,6 +584,7 @@ def _calibrate_options(recipe: Recipe, opts: RunOptions) -> Any:
         tokenizer=c.tokenizer,
         batch_size=c.batch_size,
         device=opts.device,
+        all_experts=c.all_experts,
     )
 
 
@@ -645,6 +662,7 @@ def _gptq(ctx: Context, opts: RunOptions, reporter: Reporter) -> Path | None:
         batch_size=copts.batch_size,
         device=opts.device,
         input_absmax=bool(static_outputs),
+        all_experts=copts.all_experts,
     )
     identity = run_identity(ctx.hf, ids, seq, jobs)
     first = ctx.plan.outputs[0].path
@@ -778,6 +796,12 @@ def _write_gguf(
 
     def payloads(e: Any) -> Any:
         hf = hf_of.get(e.name)
+        srcs = [s.removesuffix(".weight") for s in e.tensor.sources]
+        if hf is None and len(srcs) > 1 and all(s in o.grids for s in srcs):
+            parts = [_quantizer(ctx, o, s)() for s in srcs]  # MoE experts, in expert order
+            return dataclasses.replace(
+                parts[0], data=np.concatenate([np.asarray(p.data) for p in parts])
+            )
         if hf is None:
             return None
         module = hf.removesuffix(".weight")

@@ -85,6 +85,8 @@ class Calibration(_Strict):
     dataset_revision: str | None = None
     tokenizer: str | None = None
     batch_size: Annotated[int, Field(ge=1)] = 1
+    # MoE: every token through every expert for statistics and Hessians (output unchanged)
+    all_experts: bool = False
     # statistics from `qtool calibrate` instead of a calibration pass (SmoothQuant, static
     # activation scales, importance-weighted RTN)
     stats: str | None = None
@@ -484,6 +486,7 @@ FLAGS = {
     "text_field": "--text-field",
     "tokenizer": "--tokenizer",
     "batch_size": "--batch-size",
+    "all_experts": "--all-experts",
     "damp": "--damp",
     "block_size": "--block-size",
     "act_order": "--act-order/--no-act-order",
@@ -500,7 +503,16 @@ FLAGS = {
 GGUF_ONLY = ("imatrix", "tensor_type", "output_tensor_type", "token_embedding_type", "pure")
 INT_ONLY = ("bits", "group_size", "granularity", "asym", "restricted", "act_bits", "act_static")
 GPTQ_ONLY = ("damp", "block_size", "act_order", "static_groups", "true_sequential")
-CALIBRATION = ("dataset", "samples", "seq_len", "seed", "text_field", "tokenizer", "batch_size")
+CALIBRATION = (
+    "dataset",
+    "samples",
+    "seq_len",
+    "seed",
+    "text_field",
+    "tokenizer",
+    "batch_size",
+    "all_experts",
+)
 METHOD_ALIASES = {"kquant": "rtn"}
 
 

@@ -55,6 +55,7 @@ class CalibrateOptions:
     dtype: str = "float32"
     hessian: bool = False
     lm_head: bool = True
+    all_experts: bool = False  # MoE: every token through every expert for the statistics
 
 
 @dataclass
@@ -144,6 +145,7 @@ def calibrate(
         hessian=opts.hessian,
         lm_head=opts.lm_head,
         progress=progress,
+        all_experts=opts.all_experts,
     )
     sample_names, sample = sample_weights(prep.ckpt)
     spec = prep.spec
@@ -167,10 +169,44 @@ def calibrate(
         "torch_version": torch.__version__,
         "hist_bins": HIST_BINS,
         "hessian": opts.hessian,
+        **({"moe": moe_meta(prep.ckpt, result.routed, opts.all_experts)} if result.routed else {}),
     }
     cal = CalibrationStats(meta, result.stats, sample, None, gguf_names)
     cal.seconds = result.seconds
     return cal
+
+
+def moe_meta(ckpt: Checkpoint, routed: dict[int, list[int]], all_experts: bool) -> dict[str, Any]:
+    """The router statistics of an MoE run: tokens routed to each expert of each layer."""
+    from qtool.models import family_for
+    from qtool.runner.moe import MIN_EXPERT_TOKENS
+
+    fam = family_for(ckpt.config, strict=False)
+    return {
+        "n_expert": int(fam.get("num_local_experts", "num_experts", default=0)),
+        "top_k": int(fam.get("num_experts_per_tok", default=0)),
+        "all_experts": all_experts,
+        "min_tokens": MIN_EXPERT_TOKENS,
+        "routed": {str(i): c for i, c in sorted(routed.items())},
+    }
+
+
+def coverage(moe: dict[str, Any]) -> dict[str, Any]:
+    """Per MoE layer: min / median / max routed tokens and the starved experts (fewer than
+    ``min_tokens``: GPTQ rounds those to nearest instead)."""
+    layers = []
+    for i, counts in moe["routed"].items():
+        s = sorted(counts)
+        layers.append(
+            {
+                "layer": int(i),
+                "min": s[0],
+                "median": s[len(s) // 2],
+                "max": s[-1],
+                "starved": [(e, c) for e, c in enumerate(counts) if c < moe["min_tokens"]],
+            }
+        )
+    return {**{k: v for k, v in moe.items() if k != "routed"}, "layers": layers}
 
 
 def _created() -> str | None:
@@ -193,6 +229,7 @@ def imatrix_of(cal: CalibrationStats, *, include_output: bool = False) -> Imatri
         model_type=m["model_type"],
         n_layers=int(m["n_layers"]),
         include_output=include_output and not m.get("tied_embeddings", False),
+        n_expert=int((cal.meta.get("moe") or {}).get("n_expert", 0)),
     )
     if not entries:
         raise UnsupportedError(
@@ -261,6 +298,13 @@ def run_calibrate(
         f"tokens sha256 {d['tokens_sha256'][:16]})"
     )
     cal = calibrate(prep, opts, progress=reporter)
+    for r in coverage(cal.meta["moe"])["layers"] if cal.meta.get("moe") else []:
+        if r["starved"]:
+            reporter.warn(
+                f"layer {r['layer']}: {len(r['starved'])} experts saw fewer than "
+                f"{cal.meta['moe']['min_tokens']} tokens (e.g. expert {r['starved'][0][0]}: "
+                f"{r['starved'][0][1]}); more samples or --all-experts give them data"
+            )
     im = imatrix_of(cal, include_output=imatrix_output) if imatrix is not None else None
     save_stats(stats_path, cal)
     if im is not None and imatrix is not None:
@@ -284,5 +328,6 @@ def run_calibrate(
         "seconds": round(time.perf_counter() - t0, 2),
         "outlier_factor": outlier_factor,
         "outliers": rows,
+        **({"experts": coverage(cal.meta["moe"])} if cal.meta.get("moe") else {}),
     }
     return data, cal

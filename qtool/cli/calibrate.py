@@ -79,6 +79,14 @@ def calibrate_cmd(
         bool,
         typer.Option("--hessian", help="Also store GPTQ's Σ x xᵀ per distinct input (large)."),
     ] = False,
+    all_experts: Annotated[
+        bool,
+        typer.Option(
+            "--all-experts",
+            help="MoE: run every token through every expert for the statistics (the output "
+            "still uses the routed ones).",
+        ),
+    ] = False,
     top: Annotated[int, typer.Option("--top", help="Rows in the outlier table.")] = 10,
     outlier_factor: Annotated[
         float,
@@ -118,6 +126,7 @@ def calibrate_cmd(
             device=device,
             dtype=dtype,
             hessian=hessian,
+            all_experts=all_experts,
             revision=revision,
             top=top,
             outlier_factor=outlier_factor,
@@ -174,5 +183,30 @@ def render(console: Console, d: dict[str, Any]) -> None:
             str(r["outlier_channels"]),
             str(r["top_channel"]),
             f"{r['p99_9']:.3g}",
+        )
+    console.print(t)
+    if d.get("experts"):
+        render_coverage(console, d["experts"])
+
+
+def render_coverage(console: Console, moe: dict[str, Any]) -> None:
+    """Tokens routed to each expert, per MoE layer; starved experts flagged."""
+    t = Table(
+        title=f"Expert coverage: tokens routed per expert ({moe['top_k']} of {moe['n_expert']} "
+        f"per token{'; statistics from every token' if moe['all_experts'] else ''}); starved: "
+        f"< {moe['min_tokens']} tokens",
+        title_justify="left",
+    )
+    for col in ("layer", "min", "median", "max", "starved experts"):
+        t.add_column(col, justify="left" if col.startswith(("layer", "starved")) else "right")
+    for r in moe["layers"]:
+        starved = ", ".join(f"{e} ({n})" for e, n in r["starved"][:12])
+        more = len(r["starved"]) - 12
+        t.add_row(
+            str(r["layer"]),
+            str(r["min"]),
+            str(r["median"]),
+            str(r["max"]),
+            (starved + (f" +{more} more" if more > 0 else "")) or "-",
         )
     console.print(t)

@@ -187,6 +187,14 @@ def quantize_cmd(
     pure: Pure = False,
     dry_run: DryRun = False,
     tokenizer_pre: TokenizerPre = None,
+    all_experts: Annotated[
+        bool,
+        typer.Option(
+            "--all-experts",
+            help="MoE: every calibration token through every expert, so each gets statistics "
+            "and a Hessian (the routed output is unchanged).",
+        ),
+    ] = False,
     strict: Strict = False,
     revision: Revision = None,
     allow_pickle: AllowPickle = False,
@@ -241,6 +249,7 @@ def quantize_cmd(
         "pure": pure or None,
         "tokenizer_pre": tokenizer_pre,
         "strict": strict or None,
+        "all_experts": all_experts or None,
     }
     given = {k: v for k, v in options.items() if v is not None}
     if recipe is not None and given:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -61,6 +62,8 @@ class _Expert(nn.Module):
 
 class MoEBlock(nn.Module):
     """A sparse MoE block with per-expert linears (see the module docstring)."""
+
+    routed: torch.Tensor  # tokens routed to each expert (top-k), a buffer
 
     def __init__(self, spec: MoESpec) -> None:
         super().__init__()
@@ -188,7 +191,7 @@ def conversion_reader(
         candidates += [c.replace(source, target) for c in candidates if source in c]
     for cand in candidates:
         if cand in tensors:
-            return lambda c=cand: read(c)
+            return partial(read, cand)
     for conv in convs:
         ops = _ops(conv)
         for cand in candidates:
@@ -197,14 +200,14 @@ def conversion_reader(
                 stem = cand[: -len(target)]
                 lists = []
                 for pat in conv.source_patterns:
-                    found = []
+                    found: list[str] = []
                     while (n := stem + pat.replace("*", str(len(found)))) in tensors:
                         found.append(n)  # experts are numbered from 0 without gaps
                     if not found:
                         break
                     lists.append(found)
                 else:
-                    return lambda lists=lists, ops=ops: _merge(read, lists, ops)
+                    return partial(_merge, read, lists, ops)
             for j, pat in enumerate(conv.source_patterns):  # one expert <- fused
                 rx = re.escape(pat).replace(r"\*", r"(\d+)") + "$"
                 m = re.search(rx, cand)
@@ -214,9 +217,7 @@ def conversion_reader(
                 for f in (fused, *(fused.replace(t, s) for t, s in renames)):
                     if f in tensors:
                         e, parts = int(m.group(1)), len(conv.source_patterns)
-                        return lambda f=f, e=e, j=j, parts=parts, ops=ops: _slice(
-                            read(f), e, j, parts, ops
-                        )
+                        return partial(_read_slice, read, f, e, j, parts, ops)
     return None
 
 
@@ -228,6 +229,12 @@ def _merge(read: Callable[[str], torch.Tensor], lists: list[list[str]], ops: lis
     if len(merged) == 1:
         return merged[0]
     return torch.cat(merged, dim=dict(ops).get("Concatenate", 1))
+
+
+def _read_slice(
+    read: Callable[[str], torch.Tensor], name: str, e: int, j: int, parts: int, ops: list[Any]
+) -> torch.Tensor:
+    return _slice(read(name), e, j, parts, ops)
 
 
 def _slice(fused: torch.Tensor, e: int, j: int, parts: int, ops: list[Any]) -> torch.Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from qtool.errors import BadInputError, OutputError, QToolError
 from qtool.events import SILENT, Reporter
 from qtool.grids.base import Grid, QuantizedTensor
 from qtool.io import save_tensors, write_text
-from qtool.methods.gptq import GPTQConfig, gptq_quantize
+from qtool.methods.gptq import GPTQConfig, GPTQResult, gptq_quantize
 from qtool.runner.layers import (
     LayerArgs,
     WeightLoader,
@@ -49,6 +50,7 @@ from qtool.runner.layers import (
     embedding_pass,
     pick_device,
 )
+from qtool.runner.moe import MIN_EXPERT_TOKENS, moe_blocks, set_all_experts, take_routed
 
 STATE = "state.json"
 WORK_VERSION = 2
@@ -68,6 +70,7 @@ class SequentialOptions:
     device: str = "auto"
     cache_outputs: bool = True  # reuse frozen modules' outputs (off only to test that it is exact)
     input_absmax: bool = False  # record each linear's input max |x| (static activation scales)
+    all_experts: bool = False  # MoE: every token through every expert (Hessians for all)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -75,6 +78,7 @@ class SequentialOptions:
             "true_sequential": self.true_sequential,
             "batch_size": self.batch_size,
             "input_absmax": self.input_absmax,
+            **({"all_experts": True} if self.all_experts else {}),
         }
 
 
@@ -89,6 +93,8 @@ class LinearReport:
     rtn_rel_error: float
     damp: float
     input_absmax: float | None
+    method: str = "gptq"  # "rtn": a MoE expert with too few tokens (see qtool.runner.moe)
+    tokens: int | None = None
 
 
 # -- the resume directory -------------------------------------------------------------------------
@@ -350,6 +356,7 @@ class _LayerPasses:
         self.cache_outputs = cache_outputs
         self.cache: dict[str, list[Any]] = {}
         self.modules = {n: m for n, m in layer.named_modules() if n}
+        self.optional: set[str] = set()  # MoE experts: a batch may route no token to them
         self.lin_under = {
             n: {ln for ln in linears if ln == n or ln.startswith(n + ".")} for n in self.modules
         }
@@ -429,6 +436,9 @@ class _LayerPasses:
                         on_batch()
                         continue
                     if collect is not None:
+                        if pending <= self.optional:  # experts no token of this batch reached
+                            on_batch()
+                            continue
                         raise QToolError("a GPTQ pass ended without reaching its linear layers")
                     outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
                     on_batch()
@@ -516,6 +526,7 @@ def gptq_model(
         layer = parts.layers[i]
         prefix = f"{parts.layers_name}.{i}."
         loader.load(layer, prefix)
+        set_all_experts(layer, opts.all_experts)
         try:
             weights, reports, hidden = _quantize_layer(
                 layer,
@@ -577,6 +588,14 @@ def _quantize_layer(
         a, k = args[0]
         return layer(hidden[0].to(device), *a, **k)
 
+    def once_every_expert() -> Any:  # discovery must see every expert called
+        all_on = any(b.all_experts for b in moe_blocks(layer))
+        set_all_experts(layer, True)
+        try:
+            return once()
+        finally:
+            set_all_experts(layer, all_on)
+
     if not linears:
         reporter.stage(f"layer {index}", index + 1, total, len(batches))
         passes = _LayerPasses(layer, {}, hidden, args, device, False)
@@ -584,15 +603,17 @@ def _quantize_layer(
         assert out is not None
         return [], [], out
 
-    plan = discover(layer, linears, once)
+    plan = discover(layer, linears, once_every_expert)
     groups = plan.groups
     sequential = opts.true_sequential and propagate
-    stages = groups if sequential else [[n for g in groups for n in g]]
+    experts = {n for n in linears if _expert_role(n)}
+    stages = _merge_expert_stages(groups) if sequential else [[n for g in groups for n in g]]
     # a tail linear's recorded input is final only if every earlier group was quantized when it
     # was recorded: true-sequential runs only
     tails = plan.tails if sequential else {}
     cache = opts.cache_outputs and propagate
     passes = _LayerPasses(layer, linears, hidden, args, device, cache, tails)
+    passes.optional = experts
     n_passes = len(stages) + 1
     reporter.stage(f"layer {index}", index + 1, total, n_passes * len(batches))
 
@@ -608,14 +629,26 @@ def _quantize_layer(
         passes.run(quantized, accs, reporter.batch)
         for g in stage_groups:
             acc = accs[g[0]]
-            h = acc.hessian()
+            starved = g[0] in experts and acc.rows < MIN_EXPERT_TOKENS
+            if starved:
+                reporter.warn(
+                    f"{prefix}{g[0].rsplit('.', 1)[0]}: {acc.rows} calibration tokens reached "
+                    f"this expert (fewer than {MIN_EXPERT_TOKENS}): {', '.join(g)} rounded to "
+                    "nearest (RTN) instead of GPTQ; more samples or --all-experts give it data"
+                )
+            h = acc.hessian() if acc.rows else None
             for name in g:
                 lin = linears[name]
                 full = prefix + name
                 w = lin.weight.detach().to(torch.float32)
+                if h is None:  # no input at all: the errors are measured on nothing
+                    h = torch.zeros(w.shape[1], w.shape[1], device=w.device)
                 ref = _hessian_error(w, h)
                 for grid in grids[full]:
-                    r = gptq_quantize(full, w, h, grid, opts.gptq)
+                    if starved:
+                        r = _rtn_result(full, w, grid)
+                    else:
+                        r = gptq_quantize(full, w, h, grid, opts.gptq)
                     if r.damp_used > opts.gptq.damp:
                         reporter.warn(
                             f"{full}: the Hessian is not positive definite at damp "
@@ -635,6 +668,8 @@ def _quantize_layer(
                             input_absmax=float(acc.absmax.max())
                             if acc.absmax is not None
                             else None,
+                            method="rtn" if starved else "gptq",
+                            tokens=acc.rows,
                         )
                     )
                     if propagate:
@@ -644,6 +679,47 @@ def _quantize_layer(
             del acc
     if not propagate:
         quantized = set()  # the float weights stand: nothing is frozen by quantization
+    take_routed(layer)
     out = passes.run(quantized, None, reporter.batch)
     assert out is not None
+    if (routed := take_routed(layer)) is not None:
+        _report_coverage(reporter, index, routed, moe_blocks(layer)[0].all_experts)
     return results, reports, out
+
+
+def _expert_role(name: str) -> str | None:
+    """``gate``/``up``/``down`` role of an MoE expert's linear (``...experts.3.w1``), else None."""
+    m = re.search(r"\.experts\.\d+\.(\w+)$", name)
+    return m.group(1) if m else None
+
+
+def _merge_expert_stages(groups: list[list[str]]) -> list[list[str]]:
+    """True-sequential stages, with the experts' groups of one role read in one pass: experts
+    do not feed one another, so expert ``e``'s gate/up (or down) inputs do not depend on expert
+    ``e'``'s quantization; one pass per role instead of one per expert."""
+    stages: list[list[str]] = []
+    last: tuple[str | None, ...] | None = None
+    for g in groups:
+        key = tuple(_expert_role(n) for n in g)
+        if stages and None not in key and key == last:
+            stages[-1].extend(g)
+        else:
+            stages.append(list(g))
+        last = key
+    return stages
+
+
+def _rtn_result(name: str, w: torch.Tensor, grid: Grid) -> GPTQResult:
+    """Round to nearest on ``grid``, shaped as a GPTQ result (no dampening)."""
+    return GPTQResult(grid.rtn(name, w, None), 0.0, 0.0)
+
+
+def _report_coverage(reporter: Reporter, index: int, routed: list[int], all_experts: bool) -> None:
+    """Tokens routed to each expert of layer ``index`` (the coverage table's row)."""
+    s = sorted(routed)
+    starved = [f"{e} ({c})" for e, c in enumerate(routed) if c < MIN_EXPERT_TOKENS]
+    (reporter.warn if starved else reporter.info)(
+        f"layer {index} experts: tokens routed min {s[0]} / median {s[len(s) // 2]} / max {s[-1]}"
+        + (f"; starved (< {MIN_EXPERT_TOKENS}): {', '.join(starved)}" if starved else "")
+        + (" [every expert saw every token]" if all_experts else "")
+    )

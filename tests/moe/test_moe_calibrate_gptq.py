@@ -5,6 +5,7 @@ llama.cpp runs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +76,24 @@ def test_gptq_starved_experts_fall_back_to_rtn(cli, qwen3_moe: Path, tmp_path: P
     assert all(x["method"] == "gptq" and x["tokens"] == 32 for x in experts)
     assert all(x["gptq_rel_error"] <= x["rtn_rel_error"] * 1.05 for x in experts)
     assert np.isfinite(llama_logits(full, [5, 6, 7, 8, 9, 10])).all()
+
+
+def test_compressed_tensors_output_loads_in_transformers(
+    cli, qwen3_moe: Path, tmp_path: Path
+) -> None:
+    """Per-expert int4 weights (the checkpoint's names) that transformers loads and fuses."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "w4"
+    r = cli("-q", "quantize", qwen3_moe, "--method", "rtn", "--bits", "4", "-g", "64",
+            "--format", "compressed-tensors", "-o", out)  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert any("gate" in i for i in cfg.get("ignore", []))  # routers stay float
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(qwen3_moe, dtype=torch.float32)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
+    assert torch.isfinite(got).all()
+    assert (got - ref).norm() / ref.norm() < 0.25  # 4-bit g64 on random weights

@@ -131,7 +131,15 @@ class Plan:
         for o in self.outputs:
             spec = o.spec
             if isinstance(spec, GGUFOutput) and spec.imatrix == "calibration":
-                return True
+                # llama.cpp's imatrix covers the decoder linears; those GPTQ quantizes use their
+                # own Hessians (whose diagonal is the imatrix), so only RTN'd ones need a pass
+                if any(
+                    e.method == "rtn"
+                    and e.hf_name is not None
+                    and self.family.is_linear(e.hf_name, e.shape)
+                    for e in o.entries
+                ):
+                    return True
             if isinstance(spec, IntOutput) and spec.activations and not spec.activations.dynamic:
                 if any(m != "gptq" for m in o.methods.values()):
                     return True

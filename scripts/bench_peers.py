@@ -587,8 +587,8 @@ def solver_check(
     import torch
     from safetensors.torch import load_file, save_file
 
-    from qtool.methods.gptq import GPTQConfig, gptq_quantize
     from qtool.grids.affine import QuantScheme
+    from qtool.methods.gptq import GPTQConfig, gptq_quantize
 
     names = list(weights)
     inputs = work / "solver_inputs.safetensors"

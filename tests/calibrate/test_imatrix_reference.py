@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from qtool.calibrate.imatrix import load_imatrix
 from qtool.calibrate.datasets import load_tokenizer, tokens_sha256
+from qtool.calibrate.imatrix import load_imatrix
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))

@@ -14,7 +14,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qtool.cli.options import AllowPickle, JsonFlag, Revision, Source
+from qtool.cli.options import (
+    AllowPickle,
+    ComputeDtype,
+    JsonFlag,
+    MaxGpuMemory,
+    MaxMemory,
+    Revision,
+    Source,
+)
 from qtool.cli.options import output as sink
 
 Imatrix = Annotated[
@@ -162,6 +170,9 @@ def quantize_cmd(
     device: Annotated[
         str, typer.Option("--device", help="auto (GPU if present), cpu, cuda:N.")
     ] = "auto",
+    compute_dtype: ComputeDtype = None,
+    max_memory: MaxMemory = None,
+    max_gpu_memory: MaxGpuMemory = None,
     eval_dataset: Annotated[
         str | None,
         typer.Option(
@@ -241,6 +252,7 @@ def quantize_cmd(
         "pure": pure or None,
         "tokenizer_pre": tokenizer_pre,
         "strict": strict or None,
+        "compute_dtype": compute_dtype,
     }
     given = {k: v for k, v in options.items() if v is not None}
     if recipe is not None and given:
@@ -259,6 +271,8 @@ def quantize_cmd(
             dry_run=dry_run,
             resume=resume,
             device=device,
+            max_memory=max_memory,
+            max_gpu_memory=max_gpu_memory,
             eval_dataset=eval_dataset,
             eval_ctx=eval_ctx,
             eval_chunks=eval_chunks,

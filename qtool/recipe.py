@@ -87,6 +87,9 @@ class Calibration(_Strict):
     batch_size: Annotated[int, Field(ge=1)] = 1
     # MoE: every token through every expert for statistics and Hessians (output unchanged)
     all_experts: bool = False
+    # the forward passes' dtype; statistics and Hessians accumulate in float32 or wider.
+    # "auto": bfloat16 where the device multiplies it fast, else float32 (recorded resolved)
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # statistics from `qtool calibrate` instead of a calibration pass (SmoothQuant, static
     # activation scales, importance-weighted RTN)
     stats: str | None = None
@@ -487,6 +490,7 @@ FLAGS = {
     "tokenizer": "--tokenizer",
     "batch_size": "--batch-size",
     "all_experts": "--all-experts",
+    "compute_dtype": "--compute-dtype",
     "damp": "--damp",
     "block_size": "--block-size",
     "act_order": "--act-order/--no-act-order",
@@ -512,6 +516,7 @@ CALIBRATION = (
     "tokenizer",
     "batch_size",
     "all_experts",
+    "compute_dtype",
 )
 METHOD_ALIASES = {"kquant": "rtn"}
 

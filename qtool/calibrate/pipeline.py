@@ -36,7 +36,13 @@ from qtool.checkpoint import Checkpoint, open_checkpoint
 from qtool.errors import BadInputError, UnsupportedError
 from qtool.events import SILENT, Reporter
 from qtool.models.spec import ModelSpec
-from qtool.runner.layers import DTYPES, calibrate_layerwise, pick_device
+from qtool.runner.layers import (
+    COMPUTE_DTYPES,
+    calibrate_layerwise,
+    dtype_name,
+    pick_device,
+    resolve_dtype,
+)
 
 
 @dataclass
@@ -52,7 +58,9 @@ class CalibrateOptions:
     tokenizer: str | None = None
     batch_size: int = 1
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"  # compute dtype of the forward passes (auto: bf16 where fast)
+    max_memory: int | None = None  # host budget (bytes): the memory plan places the caches
+    max_gpu_memory: int | None = None
     hessian: bool = False
     lm_head: bool = True
     all_experts: bool = False  # MoE: every token through every expert for the statistics
@@ -74,8 +82,8 @@ def prepare(
     src: str | Checkpoint, opts: CalibrateOptions, *, revision: str | None = None
 ) -> Prepared:
     """Resolve the model and the dataset and make the samples (all the input checks)."""
-    if opts.dtype not in DTYPES:
-        raise BadInputError(f"--dtype {opts.dtype}: use one of {', '.join(DTYPES)}")
+    if opts.dtype not in COMPUTE_DTYPES:
+        raise BadInputError(f"--dtype {opts.dtype}: use one of {', '.join(COMPUTE_DTYPES)}")
     if opts.samples < 1:
         raise BadInputError(f"--samples {opts.samples}: must be at least 1")
     if opts.seq_len < 2:
@@ -126,6 +134,34 @@ def prepare(
     return Prepared(ckpt, spec, samples, dataset, tok_path, list(docs.notes))
 
 
+def memory_plan(
+    ckpt: Checkpoint,
+    ids: torch.Tensor,
+    opts: CalibrateOptions,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    gptq: bool,
+    true_sequential: bool = True,
+) -> Any:
+    """The run's :class:`qtool.runner.memory.MemoryPlan` (raises when no placement fits)."""
+    from qtool.runner.memory import plan_memory, shape_of
+
+    return plan_memory(
+        shape_of(ckpt),
+        tokens=int(ids.numel()),
+        batch_tokens=int(ids.shape[1]) * opts.batch_size,
+        seq_len=int(ids.shape[1]),
+        dtype_bytes=torch.tensor([], dtype=dtype).element_size(),
+        dtype=dtype_name(dtype),
+        device=str(device),
+        gptq=gptq,
+        true_sequential=true_sequential,
+        budget_host=opts.max_memory,
+        budget_device=opts.max_gpu_memory,
+    )
+
+
 def _has_tokenizer(root: Path) -> bool:
     names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
     return any((root / n).exists() for n in names)
@@ -136,16 +172,22 @@ def calibrate(
 ) -> CalibrationStats:
     """Run the model layer by layer on the prepared samples and gather the statistics."""
     device = pick_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    mem = memory_plan(prep.ckpt, prep.samples.ids, opts, device, dtype, gptq=False)
+    if progress is not None:
+        for line in mem.lines():
+            progress.debug(line)
     result = calibrate_layerwise(
         prep.ckpt,
         prep.samples.ids,
         batch_size=opts.batch_size,
         device=device,
-        dtype=DTYPES[opts.dtype],
+        dtype=dtype,
         hessian=opts.hessian,
         lm_head=opts.lm_head,
         progress=progress,
         all_experts=opts.all_experts,
+        place=mem.placement,
     )
     sample_names, sample = sample_weights(prep.ckpt)
     spec = prep.spec

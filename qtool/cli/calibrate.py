@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qtool.cli.options import JsonFlag, Revision, Source
+from qtool.cli.options import JsonFlag, MaxGpuMemory, MaxMemory, Revision, Source
 from qtool.cli.options import output as sink
 
 
@@ -73,8 +73,16 @@ def calibrate_cmd(
         str, typer.Option("--device", help="auto (GPU if present), cpu, cuda, cuda:N.")
     ] = "auto",
     dtype: Annotated[
-        str, typer.Option("--dtype", help="Compute dtype: float32, bfloat16, float16.")
-    ] = "float32",
+        str,
+        typer.Option(
+            "--compute-dtype",
+            "--dtype",
+            help="Forward passes' dtype: auto (bfloat16 where fast, else float32), float32, "
+            "bfloat16, float16; statistics accumulate in float32/float64.",
+        ),
+    ] = "auto",
+    max_memory: MaxMemory = None,
+    max_gpu_memory: MaxGpuMemory = None,
     hessian: Annotated[
         bool,
         typer.Option("--hessian", help="Also store GPTQ's Σ x xᵀ per distinct input (large)."),
@@ -127,6 +135,8 @@ def calibrate_cmd(
             dtype=dtype,
             hessian=hessian,
             all_experts=all_experts,
+            max_memory=max_memory,
+            max_gpu_memory=max_gpu_memory,
             revision=revision,
             top=top,
             outlier_factor=outlier_factor,

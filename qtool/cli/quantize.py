@@ -14,7 +14,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qtool.cli.options import AllowPickle, JsonFlag, Revision, Source
+from qtool.cli.options import (
+    AllowPickle,
+    ComputeDtype,
+    JsonFlag,
+    MaxGpuMemory,
+    MaxMemory,
+    Revision,
+    Source,
+)
 from qtool.cli.options import output as sink
 
 Imatrix = Annotated[
@@ -162,6 +170,9 @@ def quantize_cmd(
     device: Annotated[
         str, typer.Option("--device", help="auto (GPU if present), cpu, cuda:N.")
     ] = "auto",
+    compute_dtype: ComputeDtype = None,
+    max_memory: MaxMemory = None,
+    max_gpu_memory: MaxGpuMemory = None,
     eval_dataset: Annotated[
         str | None,
         typer.Option(
@@ -250,6 +261,7 @@ def quantize_cmd(
         "tokenizer_pre": tokenizer_pre,
         "strict": strict or None,
         "all_experts": all_experts or None,
+        "compute_dtype": compute_dtype,
     }
     given = {k: v for k, v in options.items() if v is not None}
     if recipe is not None and given:
@@ -268,6 +280,8 @@ def quantize_cmd(
             dry_run=dry_run,
             resume=resume,
             device=device,
+            max_memory=max_memory,
+            max_gpu_memory=max_gpu_memory,
             eval_dataset=eval_dataset,
             eval_ctx=eval_ctx,
             eval_chunks=eval_chunks,

@@ -166,6 +166,7 @@ def calibrate(
     revision: str | None = None,
     top: int = 10,
     outlier_factor: float = 20.0,
+    resume: str | Path | None = None,
     reporter: Reporter | None = None,
     on_event: OnEvent | None = None,
 ) -> CalibrateResult:
@@ -200,6 +201,7 @@ def calibrate(
         top=top,
         outlier_factor=outlier_factor,
         reporter=as_reporter(reporter, on_event),
+        resume=Path(resume).expanduser() if resume is not None else None,
     )
     return CalibrateResult(data, stats)
 

@@ -151,11 +151,19 @@ def quantize_cmd(
         int | None, typer.Option("--block-size", help="GPTQ: columns per lazy update.")
     ] = None,
     act_order: Annotated[
-        bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ: desc_act.")
+        bool | None,
+        typer.Option(
+            "--act-order/--no-act-order",
+            help="GPTQ: columns by decreasing Hessian diagonal (desc_act). Default: on.",
+        ),
     ] = None,
     static_groups: Annotated[
-        bool, typer.Option("--static-groups", help="GPTQ: group scales fixed before act-order.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--static-groups/--no-static-groups",
+            help="GPTQ: group scales fitted before the pass. Default: as --act-order.",
+        ),
+    ] = None,
     true_sequential: Annotated[
         bool | None,
         typer.Option(
@@ -251,7 +259,7 @@ def quantize_cmd(
         "damp": damp,
         "block_size": block_size,
         "act_order": act_order,
-        "static_groups": static_groups or None,
+        "static_groups": static_groups,
         "true_sequential": true_sequential,
         "imatrix": imatrix,
         "tensor_type": tensor_type or None,

@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install assets assets-gemma demo test test-slow check bench bench-quantize clean
+.PHONY: install assets assets-gemma demo test test-slow check bench bench-quantize bench-peers clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,13 @@ bench: assets-gemma
 bench-quantize: assets-gemma
 	$(PY) scripts/bench_quantize.py --out bench-quantize-smollm2.json
 	$(PY) scripts/bench_quantize.py --model gemma3 --bits 4 3 --clip none --out bench-quantize-gemma3.json
+
+# qtool's GPTQ against llm-compressor's (oneshot GPTQModifier) on SmolLM2-135M, same settings,
+# one run. llm-compressor goes into its own venv (~/.cache/qtool/bench-peers-venv, made by the
+# script). BENCH_PEERS_ARGS=--quick: 16 x 256 calibration tokens.
+BENCH_PEERS_ARGS ?=
+bench-peers: assets
+	$(PY) scripts/bench_peers.py $(BENCH_PEERS_ARGS) --out bench-peers-smollm2.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

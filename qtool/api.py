@@ -158,17 +158,22 @@ def calibrate(
     tokenizer: str | None = None,
     batch_size: int = 1,
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     hessian: bool = False,
+    all_experts: bool = False,
+    max_memory: str | int | None = None,
+    max_gpu_memory: str | int | None = None,
     revision: str | None = None,
     top: int = 10,
     outlier_factor: float = 20.0,
+    resume: str | Path | None = None,
     reporter: Reporter | None = None,
     on_event: OnEvent | None = None,
 ) -> CalibrateResult:
     """Activation statistics of every linear layer, layer by layer; writes the stats file
     (``output``) and/or llama.cpp's importance matrix (``imatrix``) when given."""
     from qtool.calibrate.pipeline import CalibrateOptions, run_calibrate
+    from qtool.runner.memory import parse_bytes
 
     opts = CalibrateOptions(
         dataset=dataset,
@@ -182,6 +187,9 @@ def calibrate(
         device=device,
         dtype=dtype,
         hessian=hessian,
+        all_experts=all_experts,
+        max_memory=parse_bytes(max_memory),
+        max_gpu_memory=parse_bytes(max_gpu_memory, "--max-gpu-memory"),
     )
     data, stats = run_calibrate(
         src,
@@ -193,6 +201,7 @@ def calibrate(
         top=top,
         outlier_factor=outlier_factor,
         reporter=as_reporter(reporter, on_event),
+        resume=Path(resume).expanduser() if resume is not None else None,
     )
     return CalibrateResult(data, stats)
 
@@ -210,6 +219,8 @@ def quantize(
     dry_run: bool = False,
     resume: str | Path | None = None,
     device: str = "auto",
+    max_memory: str | int | None = None,
+    max_gpu_memory: str | int | None = None,
     eval_dataset: str | None = None,
     eval_ctx: int = 256,
     eval_chunks: int = 8,
@@ -222,11 +233,14 @@ def quantize(
     """Run a recipe (an object, a YAML/JSON file or a mapping) on ``src``, or the recipe that
     keyword ``options`` describe (the CLI's flags with underscores: ``method="gptq", bits=4,
     dataset="canterbury"``...). ``output``: the output path (one output) or paths (one per
-    recipe output; a recipe output's own ``path`` is used when this is not given)."""
+    recipe output; a recipe output's own ``path`` is used when this is not given).
+    ``max_memory`` / ``max_gpu_memory`` (bytes, or "16GiB"): the budgets the memory plan fits
+    the calibration caches into (host memory, then disk), refused up front when nothing fits."""
     from qtool import recipe as rc
     from qtool.checkpoint import open_checkpoint
     from qtool.errors import BadInputError
     from qtool.pipeline import RunOptions, run
+    from qtool.runner.memory import parse_bytes
 
     single = output if isinstance(output, (str, Path)) or output is None else None
     if recipe is None:
@@ -249,6 +263,8 @@ def quantize(
             dry_run=dry_run,
             resume=Path(resume).expanduser() if resume is not None else None,
             device=device,
+            max_memory=parse_bytes(max_memory),
+            max_gpu_memory=parse_bytes(max_gpu_memory, "--max-gpu-memory"),
             measure_dataset=eval_dataset,
             measure_ctx=eval_ctx,
             measure_chunks=eval_chunks,

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from qtool import interrupt
 from qtool.errors import BadInputError, OutputError, QToolError
 
 
@@ -73,6 +74,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         with _os_errors(path):
             yield tmp
             os.chmod(tmp, 0o644)  # mkstemp made it private; the output is an ordinary file
+            interrupt.check()  # never publish an output after Ctrl-C
             os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -101,6 +103,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     try:
         with _os_errors(out):
             yield tmp
+            interrupt.check()
             _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

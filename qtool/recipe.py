@@ -51,6 +51,7 @@ from pydantic import (
     Tag,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from qtool.errors import BadInputError
@@ -85,6 +86,11 @@ class Calibration(_Strict):
     dataset_revision: str | None = None
     tokenizer: str | None = None
     batch_size: Annotated[int, Field(ge=1)] = 1
+    # MoE: every token through every expert for statistics and Hessians (output unchanged)
+    all_experts: bool = False
+    # the forward passes' dtype; statistics and Hessians accumulate in float32 or wider.
+    # "auto": bfloat16 where the device multiplies it fast, else float32 (recorded resolved)
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # statistics from `qtool calibrate` instead of a calibration pass (SmoothQuant, static
     # activation scales, importance-weighted RTN)
     stats: str | None = None
@@ -137,10 +143,19 @@ class GPTQStage(_Targets):
     method: Literal["gptq"]
     damp: Annotated[float, Field(gt=0.0, le=1.0)] = 0.01
     block_size: Annotated[int, Field(ge=1)] = 128
-    act_order: bool = False
-    static_groups: bool = False
+    # act-order with static groups by default: the best of the measured settings (README,
+    # "GPTQ defaults"); static groups follow act-order unless set
+    act_order: bool = True
+    static_groups: bool = True
     true_sequential: bool = True
     clip: str = "none"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_static_groups(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("static_groups") is None:
+            return {**data, "static_groups": data.get("act_order", True)}
+        return data
 
     @field_validator("clip")
     @classmethod
@@ -484,10 +499,12 @@ FLAGS = {
     "text_field": "--text-field",
     "tokenizer": "--tokenizer",
     "batch_size": "--batch-size",
+    "all_experts": "--all-experts",
+    "compute_dtype": "--compute-dtype",
     "damp": "--damp",
     "block_size": "--block-size",
     "act_order": "--act-order/--no-act-order",
-    "static_groups": "--static-groups",
+    "static_groups": "--static-groups/--no-static-groups",
     "true_sequential": "--true-sequential/--no-true-sequential",
     "imatrix": "--imatrix",
     "tensor_type": "--tensor-type",
@@ -500,7 +517,17 @@ FLAGS = {
 GGUF_ONLY = ("imatrix", "tensor_type", "output_tensor_type", "token_embedding_type", "pure")
 INT_ONLY = ("bits", "group_size", "granularity", "asym", "restricted", "act_bits", "act_static")
 GPTQ_ONLY = ("damp", "block_size", "act_order", "static_groups", "true_sequential")
-CALIBRATION = ("dataset", "samples", "seq_len", "seed", "text_field", "tokenizer", "batch_size")
+CALIBRATION = (
+    "dataset",
+    "samples",
+    "seq_len",
+    "seed",
+    "text_field",
+    "tokenizer",
+    "batch_size",
+    "all_experts",
+    "compute_dtype",
+)
 METHOD_ALIASES = {"kquant": "rtn"}
 
 

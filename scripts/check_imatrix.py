@@ -29,22 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llama_tools import WORK, assets, f32_gguf, llama_bin, log, run  # noqa: E402
-
-
-def llama_tokens(gguf: Path, text: str) -> tuple[list[int], int | None]:
-    """llama.cpp's tokens for ``text`` as llama-imatrix makes them (add_special=true,
-    parse_special=false), and the BOS id when the vocab adds one."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
-    try:
-        ids = llm.tokenize(text.encode(), add_bos=True, special=False)
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        bos = llm.token_bos() if llama_cpp.llama_vocab_get_add_bos(vocab) else None
-    finally:
-        llm.close()
-    return list(ids), bos
+from llama_tools import WORK, assets, f32_gguf, llama_bin, llama_tokens, log, run  # noqa: E402
 
 
 def main() -> int:
@@ -79,7 +64,7 @@ def main() -> int:
     hf = Path(a["smollm2_hf"])
     text_path = args.text or Path(a["canterbury"]) / "alice29.txt"
     text = text_path.read_text()
-    bindir = llama_bin()
+    bindir = llama_bin("llama-imatrix")
     gguf = f32_gguf(hf)
     WORK.mkdir(parents=True, exist_ok=True)
 

@@ -14,7 +14,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qtool.cli.options import AllowPickle, JsonFlag, Revision, Source
+from qtool.cli.options import (
+    AllowPickle,
+    ComputeDtype,
+    JsonFlag,
+    MaxGpuMemory,
+    MaxMemory,
+    Revision,
+    Source,
+)
 from qtool.cli.options import output as sink
 
 Imatrix = Annotated[
@@ -143,11 +151,19 @@ def quantize_cmd(
         int | None, typer.Option("--block-size", help="GPTQ: columns per lazy update.")
     ] = None,
     act_order: Annotated[
-        bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ: desc_act.")
+        bool | None,
+        typer.Option(
+            "--act-order/--no-act-order",
+            help="GPTQ: columns by decreasing Hessian diagonal (desc_act). Default: on.",
+        ),
     ] = None,
     static_groups: Annotated[
-        bool, typer.Option("--static-groups", help="GPTQ: group scales fixed before act-order.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--static-groups/--no-static-groups",
+            help="GPTQ: group scales fitted before the pass. Default: as --act-order.",
+        ),
+    ] = None,
     true_sequential: Annotated[
         bool | None,
         typer.Option(
@@ -162,6 +178,9 @@ def quantize_cmd(
     device: Annotated[
         str, typer.Option("--device", help="auto (GPU if present), cpu, cuda:N.")
     ] = "auto",
+    compute_dtype: ComputeDtype = None,
+    max_memory: MaxMemory = None,
+    max_gpu_memory: MaxGpuMemory = None,
     eval_dataset: Annotated[
         str | None,
         typer.Option(
@@ -187,6 +206,14 @@ def quantize_cmd(
     pure: Pure = False,
     dry_run: DryRun = False,
     tokenizer_pre: TokenizerPre = None,
+    all_experts: Annotated[
+        bool,
+        typer.Option(
+            "--all-experts",
+            help="MoE: every calibration token through every expert, so each gets statistics "
+            "and a Hessian (the routed output is unchanged).",
+        ),
+    ] = False,
     strict: Strict = False,
     revision: Revision = None,
     allow_pickle: AllowPickle = False,
@@ -232,7 +259,7 @@ def quantize_cmd(
         "damp": damp,
         "block_size": block_size,
         "act_order": act_order,
-        "static_groups": static_groups or None,
+        "static_groups": static_groups,
         "true_sequential": true_sequential,
         "imatrix": imatrix,
         "tensor_type": tensor_type or None,
@@ -241,6 +268,8 @@ def quantize_cmd(
         "pure": pure or None,
         "tokenizer_pre": tokenizer_pre,
         "strict": strict or None,
+        "all_experts": all_experts or None,
+        "compute_dtype": compute_dtype,
     }
     given = {k: v for k, v in options.items() if v is not None}
     if recipe is not None and given:
@@ -259,6 +288,8 @@ def quantize_cmd(
             dry_run=dry_run,
             resume=resume,
             device=device,
+            max_memory=max_memory,
+            max_gpu_memory=max_gpu_memory,
             eval_dataset=eval_dataset,
             eval_ctx=eval_ctx,
             eval_chunks=eval_chunks,

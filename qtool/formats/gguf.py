@@ -264,19 +264,45 @@ def _stream_tensors(
                 task.advance(data.nbytes)
             else:
                 imat = imatrix.get(e.name) if get_type(e.qtype).block_size > 1 else None
+                row = 0
                 for x in float_chunks(src, family, e):
-                    data = encode(x, e.qtype, imat, e.name)
+                    for data in _encode_rows(x, e, imat, row):
+                        fout.write(np.ascontiguousarray(data).data.cast("B"))
+                        written += data.nbytes
+                        task.advance(data.nbytes)
+                    row += x.size // e.shape[-1]
                     del x
-                    fout.write(np.ascontiguousarray(data).data.cast("B"))
-                    written += data.nbytes
-                    task.advance(data.nbytes)
-                    del data
             if written != e.nbytes:
                 raise AssertionError(f"{e.name}: encoded {written} bytes, planned {e.nbytes}")
             w.write_padding(fout, e.nbytes)
     finally:
         reporter.done(task)
     reporter.debug(f"streamed {len(plan.entries)} tensors in {time.monotonic() - start:.1f}s")
+
+
+def _encode_rows(
+    x: np.ndarray, e: PlanEntry, imat: np.ndarray | None, row: int
+) -> Iterator[np.ndarray]:
+    """Encode a chunk of float rows starting at row ``row`` of the tensor. A 3-D (MoE experts)
+    tensor's imatrix holds one vector per expert (llama-imatrix's layout): each expert's rows
+    use their own, as ``llama_tensor_quantize_impl`` does (chunks stop at expert boundaries)."""
+    cols = e.shape[-1]
+    if imat is None or len(e.shape) < 3 or imat.size == cols:
+        yield encode(x, e.qtype, imat, e.name)
+        return
+    per_expert = int(np.prod(e.shape[1:-1]))
+    if imat.size != e.shape[0] * cols:
+        raise BadInputError(
+            f"imatrix entry {e.name}: {imat.size} values, the tensor needs {cols} or "
+            f"{e.shape[0]} x {cols} (one per expert)"
+        )
+    rows = x.reshape(-1, cols)
+    r = 0
+    while r < rows.shape[0]:
+        expert = (row + r) // per_expert
+        stop = min(rows.shape[0], (expert + 1) * per_expert - row)
+        yield encode(rows[r:stop], e.qtype, imat[expert * cols : (expert + 1) * cols], e.name)
+        r = stop
 
 
 def _encoded_rows(src: Checkpoint, family: Family, e: PlanEntry, ready: Any) -> np.ndarray:
@@ -304,7 +330,7 @@ def float_chunks(src: Checkpoint, family: Family, e: PlanEntry) -> Iterator[np.n
     """The tensor as float32 in llama.cpp's layout, whole or in row chunks of ~CHUNK_BYTES."""
     t = e.tensor
     if t.build is not None:
-        parts = t.build([read_float(src, n) for n in t.sources])
+        parts = t.build(_LazySources(src, t.sources))
     elif src.format == "gguf":
         parts = _gguf_row_chunks(src, e)
     else:
@@ -314,6 +340,22 @@ def float_chunks(src: Checkpoint, family: Family, e: PlanEntry) -> Iterator[np.n
         if not np.isfinite(x).all():
             raise BadInputError(f"tensor {e.hf_name or e.name} contains NaN or Inf values")
         yield x
+
+
+class _LazySources(Sequence[np.ndarray]):
+    """The source tensors of a merged tensor, each read when indexed: a ``build`` that takes
+    them one at a time (MoE experts) holds one in memory, not all."""
+
+    def __init__(self, src: Checkpoint, names: tuple[str, ...]) -> None:
+        self.src, self.names = src, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [read_float(self.src, n) for n in self.names[i]]
+        return read_float(self.src, self.names[i])
 
 
 def _row_step(shape: tuple[int, ...]) -> int:

@@ -143,9 +143,12 @@ def gptq_quantize(
             b = pos_block[col]
             if fits[b] is None:  # a dynamic block starts: fit its columns as they are now
                 # updated ones in this lazy batch, the rest (beyond it) as updated by earlier ones
-                cur = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, : min(blk, cols - col)]
-                imp = importance[perm[col : col + cur.shape[1]]]
-                fits[b] = grid.fit(cur, imp, state)
+                end = min(col + blk, cols)
+                if end <= i2:
+                    cur = w1[:, i : i + end - col]
+                else:
+                    cur = torch.cat([w1[:, i:], w[:, i2:end]], dim=1)
+                fits[b] = grid.fit(cur, importance[perm[col:end]], state)
             fit = fits[b]
             assert fit is not None
             x = w1[:, i]

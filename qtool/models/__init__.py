@@ -11,9 +11,11 @@ from qtool.models import (  # noqa: F401  (registration)
     gemma3,
     granite,
     llama,
+    mixtral,
     olmo2,
     phi3,
     qwen,
+    qwen_moe,
     smollm3,
 )
 from qtool.models.base import Family, GenericFamily, GGUFTensor, family_for, supported

@@ -312,13 +312,15 @@ def export(
     token_embedding_type: str | None = None,
     pure: bool = False,
     tokenizer_pre: str | None = None,
+    strict: bool = False,
     revision: str | None = None,
     allow_pickle: bool = False,
     reporter: Reporter | None = None,
     on_event: OnEvent | None = None,
 ) -> QuantizeResult:
     """Convert ``src`` to GGUF (any type or llama-quantize preset, round-to-nearest) or to a
-    dense HF safetensors folder (``format="safetensors"``, e.g. from a GGUF file)."""
+    dense HF safetensors folder (``format="safetensors"``, e.g. from a GGUF file). A GGUF's
+    tokenizer is checked against the source's (``strict``: a difference is an error)."""
     from qtool import recipe as rc
     from qtool.errors import BadInputError
 
@@ -353,7 +355,9 @@ def export(
         out = {"format": "safetensors", "dtype": dtype}
     else:
         raise BadInputError(f"--format {format!r}: export writes gguf or safetensors")
-    recipe = rc.parse({"stages": [], "outputs": [out]}, where="export")
+    recipe = rc.parse(
+        {"stages": [], "outputs": [out], **({"strict": True} if strict else {})}, where="export"
+    )
     return quantize(
         src,
         recipe,

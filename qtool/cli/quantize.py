@@ -60,7 +60,12 @@ TokenizerPre = Annotated[
     typer.Option("--tokenizer-pre", help="llama.cpp pre-tokenizer name, if it is not recognised."),
 ]
 Strict = Annotated[
-    bool, typer.Option("--strict", help="A pattern that matches no tensor is an error.")
+    bool,
+    typer.Option(
+        "--strict",
+        help="Errors, not warnings: a pattern that matches no tensor; a GGUF whose tokenizer "
+        "(llama.cpp's, from the file) splits the test strings unlike the source's.",
+    ),
 ]
 
 

@@ -158,8 +158,11 @@ def calibrate(
     tokenizer: str | None = None,
     batch_size: int = 1,
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     hessian: bool = False,
+    all_experts: bool = False,
+    max_memory: str | int | None = None,
+    max_gpu_memory: str | int | None = None,
     revision: str | None = None,
     top: int = 10,
     outlier_factor: float = 20.0,
@@ -169,6 +172,7 @@ def calibrate(
     """Activation statistics of every linear layer, layer by layer; writes the stats file
     (``output``) and/or llama.cpp's importance matrix (``imatrix``) when given."""
     from qtool.calibrate.pipeline import CalibrateOptions, run_calibrate
+    from qtool.runner.memory import parse_bytes
 
     opts = CalibrateOptions(
         dataset=dataset,
@@ -182,6 +186,9 @@ def calibrate(
         device=device,
         dtype=dtype,
         hessian=hessian,
+        all_experts=all_experts,
+        max_memory=parse_bytes(max_memory),
+        max_gpu_memory=parse_bytes(max_gpu_memory, "--max-gpu-memory"),
     )
     data, stats = run_calibrate(
         src,
@@ -210,6 +217,8 @@ def quantize(
     dry_run: bool = False,
     resume: str | Path | bool | None = None,
     device: str = "auto",
+    max_memory: str | int | None = None,
+    max_gpu_memory: str | int | None = None,
     eval_dataset: str | None = None,
     eval_ctx: int = 256,
     eval_chunks: int = 8,
@@ -224,12 +233,14 @@ def quantize(
     dataset="canterbury"``...). ``output``: the output path (one output) or paths (one per
     recipe output; a recipe output's own ``path`` is used when this is not given).
 
-    ``resume``: continue an interrupted run (a kill, a power loss, Ctrl-C) to the
-    bytes an uninterrupted one writes. ``True``: its checkpoints where they
+    ``resume``: continue an interrupted run (a kill, a power loss, or Ctrl-C of a run given
+    ``resume``) to the bytes an uninterrupted one writes. ``True``: its checkpoints where they
     are kept by default (GPTQ's ``OUTPUT.qtool-gptq`` folder, each GGUF output's
     ``OUT.qtool-partial``); a path: GPTQ's folder, or for a run without GPTQ one of its GGUF
     outputs' ``OUT.qtool-partial``. A checkpoint of another run is refused; without
-    ``resume`` any checkpoint left beside an output is refused (nothing is replaced)."""
+    ``resume`` any checkpoint left beside an output is refused (nothing is replaced).
+    ``max_memory`` / ``max_gpu_memory`` (bytes, or "16GiB"): the budgets the memory plan fits
+    the calibration caches into (host memory, then disk), refused up front when nothing fits."""
     from qtool import recipe as rc
 
     single = output if isinstance(output, (str, Path)) or output is None else None
@@ -252,6 +263,8 @@ def quantize(
         dry_run=dry_run,
         resume=resume,
         device=device,
+        max_memory=max_memory,
+        max_gpu_memory=max_gpu_memory,
         eval_dataset=eval_dataset,
         eval_ctx=eval_ctx,
         eval_chunks=eval_chunks,
@@ -270,6 +283,8 @@ def _run(
     dry_run: bool,
     resume: str | Path | bool | None,
     device: str = "auto",
+    max_memory: str | int | None = None,
+    max_gpu_memory: str | int | None = None,
     eval_dataset: str | None = None,
     eval_ctx: int = 256,
     eval_chunks: int = 8,
@@ -280,30 +295,28 @@ def _run(
     export: bool = False,
 ) -> QuantizeResult:
     from qtool.checkpoint import open_checkpoint
-    from qtool.pipeline import RunOptions, run
+    from qtool.pipeline import RunOptions, resolve_compute_dtype, run
+    from qtool.runner.memory import parse_bytes
 
     paths = _paths(r, output)
     resuming = resume is not None and resume is not False
     gptq_dir, hint = _resume_target(r, paths, resume, export=export)
-    ckpt = open_checkpoint(src, revision=revision, allow_pickle=allow_pickle)
-    if not dry_run:
-        _check_partials(ckpt, r, paths, resume=resuming, hint=hint)
-    data = run(
-        ckpt,
-        r,
-        paths,
-        RunOptions(
-            dry_run=dry_run,
-            resume=gptq_dir,
-            resume_all=resuming,
-            resume_hint=hint,
-            device=device,
-            measure_dataset=eval_dataset,
-            measure_ctx=eval_ctx,
-            measure_chunks=eval_chunks,
-        ),
-        as_reporter(reporter, on_event),
+    opts = RunOptions(
+        dry_run=dry_run,
+        resume=gptq_dir,
+        resume_all=resuming,
+        resume_hint=hint,
+        device=device,
+        max_memory=parse_bytes(max_memory),
+        max_gpu_memory=parse_bytes(max_gpu_memory, "--max-gpu-memory"),
+        measure_dataset=eval_dataset,
+        measure_ctx=eval_ctx,
+        measure_chunks=eval_chunks,
     )
+    ckpt = open_checkpoint(src, revision=revision, allow_pickle=allow_pickle)
+    if not dry_run:  # the recipe as the run records it (its GGUF outputs' identity)
+        _check_partials(ckpt, resolve_compute_dtype(r, opts), paths, resume=resuming, hint=hint)
+    data = run(ckpt, r, paths, opts, as_reporter(reporter, on_event))
     return QuantizeResult(data)
 
 
@@ -409,9 +422,9 @@ def export(
     dense HF safetensors folder (``format="safetensors"``, e.g. from a GGUF file).
 
     ``resume``: continue the interrupted GGUF export of this output from its checkpoint
-    (``OUT.qtool-partial``, left by a kill, a power loss or Ctrl-C), checked to be this very
-    run's; the file is the one an uninterrupted run writes. Without it, such a checkpoint is
-    refused rather than replaced."""
+    (``OUT.qtool-partial``, left by a kill, a power loss, or Ctrl-C of a run given ``resume``),
+    checked to be this very run's; the file is the one an uninterrupted run writes. Without
+    it, such a checkpoint is refused rather than replaced."""
     from qtool import recipe as rc
     from qtool.errors import BadInputError
 

@@ -8,7 +8,7 @@ row-length fallbacks, and each GPTQ / INT8 layout counts its scales, zero-points
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from qtool.checkpoint import Checkpoint
@@ -48,6 +48,7 @@ class Tensor:
     gguf: str
     shape: tuple[int, ...]
     is_linear: bool = False
+    is_expert: bool = False  # one routed expert's weight (MoE)
 
     @property
     def numel(self) -> int:
@@ -61,6 +62,7 @@ class FormatSize:
     bits_per_weight: float  # all bytes (incl. scales, mins, zero-points, g_idx) * 8 / params
     types: dict[str, int] = field(default_factory=dict)  # GGUF type -> tensor count
     note: str = ""
+    expert_bytes: int = 0  # of ``bytes``, the routed experts' (MoE)
 
 
 def model_tensors(ckpt: Checkpoint, spec: ModelSpec) -> list[Tensor]:
@@ -71,24 +73,35 @@ def model_tensors(ckpt: Checkpoint, spec: ModelSpec) -> list[Tensor]:
         g = family.gguf_name(info.name) or info.name
         if spec.tied_embeddings and g == "output.weight":
             continue  # stored twice by some checkpoints; tied weights are one parameter
-        out.append(Tensor(info.name, g, info.shape, family.is_linear(info.name, info.shape)))
+        out.append(
+            Tensor(
+                info.name,
+                g,
+                info.shape,
+                family.is_linear(info.name, info.shape),
+                family.expert_of(info.name) is not None,
+            )
+        )
     return out
 
 
 def weight_formats(tensors: Sequence[Tensor], family: Family) -> list[FormatSize]:
     n_params = sum(t.numel for t in tensors)
 
-    def fmt(name: str, nbytes: float, **kw: object) -> FormatSize:
-        nb = int(math.ceil(nbytes))
-        return FormatSize(name, nb, 8 * nb / n_params, **kw)  # type: ignore[arg-type]
+    experts = [t for t in tensors if t.is_expert]
+
+    def fmt(name: str, size: Callable[[Tensor], float], **kw: object) -> FormatSize:
+        nb = int(math.ceil(sum(size(t) for t in tensors)))
+        eb = int(math.ceil(sum(size(t) for t in experts)))
+        return FormatSize(name, nb, 8 * nb / n_params, expert_bytes=eb, **kw)  # type: ignore[arg-type]
 
     rows = [
-        fmt("FP32", 4 * n_params),
-        fmt("FP16", 2 * n_params),
-        fmt("BF16", 2 * n_params),
+        fmt("FP32", lambda t: 4 * t.numel),
+        fmt("FP16", lambda t: 2 * t.numel),
+        fmt("BF16", lambda t: 2 * t.numel),
         fmt(
             "INT8 per-channel",
-            sum(t.numel + 2 * t.shape[0] if t.is_linear else 2 * t.numel for t in tensors),
+            lambda t: t.numel + 2 * t.shape[0] if t.is_linear else 2 * t.numel,
             note="int8 weights + one 16-bit scale per output channel; other tensors 16-bit",
         ),
     ]
@@ -98,7 +111,7 @@ def weight_formats(tensors: Sequence[Tensor], family: Family) -> list[FormatSize
         rows.append(
             fmt(
                 f"GPTQ {bits}-bit g128",
-                sum(gptq_bytes(t, bits, 128) for t in tensors),
+                lambda t, b=bits: gptq_bytes(t, b, 128),  # type: ignore[misc]
                 note="qweight + qzeros + fp16 scales + g_idx; other tensors fp16",
             )
         )
@@ -109,13 +122,21 @@ def gguf_size(tensors: Sequence[Tensor], family: Family, preset: str) -> FormatS
     """Bytes of a GGUF file's tensor data under ``preset`` as llama-quantize would type it,
     from an F16 conversion (1-D tensors stay F32, as llama.cpp's converter writes them)."""
     facts = facts_for(family)
-    entries = [(t.gguf, t.shape, "F32" if len(t.shape) == 1 else "F16") for t in tensors]
-    types = plan_types(entries, preset, facts)
-    total = 0
+    # one entry per GGUF tensor: a MoE layer's experts are one merged tensor (same type)
+    entries: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    for t in tensors:
+        f32 = len(t.shape) == 1 or "ffn_gate_inp" in t.gguf  # as the converter writes them
+        entries.setdefault(t.gguf, (t.gguf, t.shape, "F32" if f32 else "F16"))
+    types = plan_types(list(entries.values()), preset, facts)
+    total = experts = 0
     counts: dict[str, int] = {}
     for t in tensors:
         q = get_type(types[t.gguf])
-        total += t.numel // q.block_size * q.type_size
+        nb = t.numel // q.block_size * q.type_size
+        total += nb
+        experts += nb if t.is_expert else 0
+    for g in entries:
+        q = get_type(types[g])
         counts[q.name] = counts.get(q.name, 0) + 1
     n_params = sum(t.numel for t in tensors)
     return FormatSize(
@@ -124,6 +145,7 @@ def gguf_size(tensors: Sequence[Tensor], family: Family, preset: str) -> FormatS
         8 * total / n_params,
         types=counts,
         note="tensor data; metadata and tokenizer add a few MB",
+        expert_bytes=experts,
     )
 
 
@@ -192,6 +214,25 @@ def training_bytes(
         "lora": 2 * n_params + 16 * lora_params + acts,
         "lora_params": lora_params,
         "activations": acts,
+    }
+
+
+def _moe_params(family: Family, tensors: Sequence[Tensor]) -> dict[str, int] | None:
+    """Total, routed-expert and active parameters (active: all but the routed experts, plus
+    ``top_k`` experts' worth: what one token runs through, shared experts included)."""
+    experts = sum(t.numel for t in tensors if t.is_expert)
+    n_expert = int(family.get("num_local_experts", "num_experts", default=0) or 0)
+    top_k = int(family.get("num_experts_per_tok", default=0) or 0)
+    if not experts or n_expert < 2:
+        return None
+    total = sum(t.numel for t in tensors)
+    per_expert = experts // n_expert
+    return {
+        "n_expert": n_expert,
+        "top_k": top_k,
+        "experts": experts,
+        "per_expert": per_expert,
+        "active": total - experts + top_k * per_expert,
     }
 
 
@@ -287,7 +328,12 @@ def build_report(
             "bytes_on_disk": ckpt.bytes_on_disk,
             "gguf_export_supported": spec.supported,
         },
-        params={"total": n_params, "by_component": by_component, "by_dtype": by_dtype},
+        params={
+            "total": n_params,
+            "by_component": by_component,
+            "by_dtype": by_dtype,
+            **({"moe": moe} if (moe := _moe_params(family, tensors)) else {}),
+        },
         formats=formats,
         runtime={
             "context": ctx,

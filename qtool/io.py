@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from qtool import interrupt
 from qtool.errors import BadInputError, OutputError, QToolError
 
 
@@ -60,9 +61,10 @@ def output_errors(path: Path) -> Iterator[None]:
 
 
 @contextmanager
-def atomic_path(path: Path | str) -> Iterator[Path]:
+def atomic_path(path: Path | str, *, checkpoint: bool = False) -> Iterator[Path]:
     """A temporary file name beside ``path``; renamed over ``path`` if the block succeeds,
-    removed otherwise. For writers that take a file name (safetensors, gguf-py)."""
+    removed otherwise. For writers that take a file name (safetensors, gguf-py).
+    ``checkpoint``: a resume state, not an output: written after Ctrl-C too (to save it)."""
     path = Path(path).expanduser()
     check_writable(path)
     fd, tmp_name = tempfile.mkstemp(
@@ -74,6 +76,8 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         with output_errors(path):
             yield tmp
             os.chmod(tmp, 0o644)  # mkstemp made it private; the output is an ordinary file
+            if not checkpoint:
+                interrupt.check()  # never publish an output after Ctrl-C
             os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -81,9 +85,11 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_file(path: Path | str, mode: str = "wb") -> Iterator[BinaryIO]:
+def atomic_file(
+    path: Path | str, mode: str = "wb", *, checkpoint: bool = False
+) -> Iterator[BinaryIO]:
     """An open temporary file beside ``path``, flushed, synced and renamed on success."""
-    with atomic_path(path) as tmp, open(tmp, mode) as f:
+    with atomic_path(path, checkpoint=checkpoint) as tmp, open(tmp, mode) as f:
         yield f  # type: ignore[misc]
         f.flush()
         os.fsync(f.fileno())
@@ -102,6 +108,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     try:
         with output_errors(out):
             yield tmp
+            interrupt.check()
             _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -162,7 +169,8 @@ def write_state(path: Path | str, state: dict) -> None:
     A crash at any moment leaves the previous state or this one. Floats round-trip exactly."""
     import json
 
-    write_text(path, json.dumps(state, indent=1, sort_keys=True, allow_nan=True))
+    with atomic_file(path, checkpoint=True) as f:
+        f.write(json.dumps(state, indent=1, sort_keys=True, allow_nan=True).encode("utf-8"))
     fsync_dir(Path(path).expanduser().resolve().parent)
 
 

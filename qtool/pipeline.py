@@ -236,12 +236,28 @@ def _plan_gguf(
             if method != "rtn" or ckpt.format == "gguf":
                 out.grids[module] = grid
                 out.methods[module] = method
+        elif quantized and _merged_gptq(recipe, family, e, ckpt.format):
+            method = "gptq"  # MoE experts: GPTQ per expert, stacked into the merged tensor
+            for s in e.tensor.sources:
+                out.grids[s.removesuffix(".weight")] = GGUFGrid(e.qtype)
+                out.methods[s.removesuffix(".weight")] = "gptq"
         elif quantized:
             method = "rtn"
         elif ckpt.format == "gguf" and e.source_type == e.qtype:
             grid_key = None  # copied as stored (norms, float factors)
         out.entries.append(TensorPlan(e.name, hf, e.shape, grid_key, method, e.nbytes))
     return out
+
+
+def _merged_gptq(recipe: Recipe, family: Family, e: Any, fmt: str) -> bool:
+    """Whether a merged GGUF tensor (MoE experts) is GPTQ'd source by source."""
+    from qtool.grids.gguf import GGUFGrid
+
+    srcs = e.tensor.sources
+    if fmt == "gguf" or len(srcs) < 2 or e.tensor.hf_name is not None:
+        return False
+    grid = GGUFGrid(e.qtype)
+    return all(_assign(recipe, family, s, e.name, grid) == "gptq" for s in srcs)
 
 
 def _hf_names_of_gguf(ckpt: Checkpoint, family: Family) -> dict[str, str]:
@@ -483,6 +499,7 @@ class Context:
     gptq: dict[tuple[str, str], Callable[[], Any]] = field(default_factory=dict)
     reports: list[dict[str, Any]] = field(default_factory=list)
     calibration_card: dict[str, Any] = field(default_factory=dict)
+    compute: dict[str, Any] = field(default_factory=dict)  # GPTQ's device, dtype, peak memory
     imatrix: dict[str, Any] | None = None  # GGUF name -> importance, from the calibration
 
 
@@ -495,6 +512,8 @@ class RunOptions:
     resume_all: bool = False
     resume_hint: str | None = None  # how to continue a GGUF output (default --resume OUT.partial)
     device: str = "auto"
+    max_memory: int | None = None  # host memory budget in bytes (the memory plan)
+    max_gpu_memory: int | None = None
     measure_dataset: str | None = None
     measure_ctx: int = 256
     measure_chunks: int = 8
@@ -509,6 +528,7 @@ def run(
 ) -> dict[str, Any]:
     """Plan, then (unless a dry run) compute and write every output; the result's data."""
     t0 = time.perf_counter()
+    recipe = resolve_compute_dtype(recipe, opts)
     plan = make_plan(ckpt, recipe, paths)
     for w in plan.warnings:
         reporter.warn(w)
@@ -517,6 +537,11 @@ def run(
         "recipe": recipe.to_dict(paths=False),
         "outputs": [o.as_dict() for o in plan.outputs],
     }
+    memory = _memory_plan(plan, opts)
+    if memory is not None:
+        data["memory"] = memory.as_dict()
+        for line in memory.lines():
+            reporter.info(line)
     if opts.dry_run:
         return {**data, "dry_run": True}
     if any(o.path is None for o in plan.outputs):
@@ -536,12 +561,57 @@ def run(
         shutil.rmtree(work, ignore_errors=True)
     data["outputs"] = results
     data["seconds"] = round(time.perf_counter() - t0, 2)
+    if ctx.compute:
+        data["gptq"] = ctx.compute
     if ctx.reports:
         data["layers"] = ctx.reports
         data["gptq_better_than_rtn"] = sum(
             r["gptq_rel_error"] < r["rtn_rel_error"] for r in ctx.reports
         )
     return data
+
+
+def resolve_compute_dtype(recipe: Recipe, opts: RunOptions) -> Recipe:
+    """The recipe with ``compute_dtype: auto`` resolved for this device, as it is recorded (the
+    recorded recipe then reproduces the bytes on any machine)."""
+    c = recipe.calibration
+    if c is None or c.compute_dtype != "auto":
+        return recipe
+    from qtool.runner.layers import dtype_name, pick_device, resolve_dtype
+
+    name = dtype_name(resolve_dtype("auto", pick_device(opts.device)))
+    return recipe.model_copy(update={"calibration": c.model_copy(update={"compute_dtype": name})})
+
+
+def _memory_plan(plan: Plan, opts: RunOptions) -> Any:
+    """What the calibration pass (GPTQ's, or the statistics') will hold, from headers: logged at
+    the start, printed by --dry-run, and refused before any work when nothing fits."""
+    r = plan.recipe
+    gptq = bool(plan.gptq_jobs())
+    if r.calibration is None or not (gptq or plan.needs_stats) or r.calibration.stats:
+        return None
+    import torch
+
+    from qtool.runner.layers import DTYPES, pick_device
+    from qtool.runner.memory import plan_memory, shape_of
+
+    c = r.calibration
+    device = pick_device(opts.device)
+    dtype = DTYPES[c.compute_dtype]
+    st = r.method("gptq")
+    return plan_memory(
+        shape_of(plan.source),
+        tokens=c.samples * c.seq_len,
+        batch_tokens=c.batch_size * c.seq_len,
+        seq_len=c.seq_len,
+        dtype_bytes=torch.tensor([], dtype=dtype).element_size(),
+        dtype=c.compute_dtype,
+        device=str(device),
+        gptq=gptq,
+        true_sequential=bool(st is None or st.true_sequential),
+        budget_host=opts.max_memory,
+        budget_device=opts.max_gpu_memory,
+    )
 
 
 def _refuse_overwriting_source(ckpt: Checkpoint, out: Path) -> None:
@@ -580,6 +650,10 @@ def _calibrate_options(recipe: Recipe, opts: RunOptions) -> Any:
         tokenizer=c.tokenizer,
         batch_size=c.batch_size,
         device=opts.device,
+        all_experts=c.all_experts,
+        dtype=c.compute_dtype,
+        max_memory=opts.max_memory,
+        max_gpu_memory=opts.max_gpu_memory,
     )
 
 
@@ -656,7 +730,10 @@ def _gptq(ctx: Context, opts: RunOptions, reporter: Reporter) -> Path | None:
         true_sequential=st.true_sequential,
         batch_size=copts.batch_size,
         device=opts.device,
+        compute_dtype=copts.dtype,
         input_absmax=bool(static_outputs),
+        all_experts=copts.all_experts,
+        place=_memory_plan(ctx.plan, opts).placement,
     )
     identity = run_identity(ctx.hf, ids, seq, jobs)
     first = ctx.plan.outputs[0].path
@@ -676,6 +753,14 @@ def _gptq(ctx: Context, opts: RunOptions, reporter: Reporter) -> Path | None:
         raise
     ctx.gptq = res.weights
     ctx.reports = res.reports
+    ctx.compute = {
+        "device": res.device,
+        "dtype": res.compute_dtype,
+        "seconds": round(res.seconds, 2),
+        "peak_host_bytes": res.peak_host_bytes,
+        "peak_device_bytes": res.peak_device_bytes,
+        "resumed_from_layer": res.resumed_from,
+    }
     d = prep.dataset
     ctx.calibration_card = {
         "dataset": d["spec"],
@@ -790,6 +875,12 @@ def _write_gguf(
 
     def payloads(e: Any) -> Any:
         hf = hf_of.get(e.name)
+        srcs = [s.removesuffix(".weight") for s in e.tensor.sources]
+        if hf is None and len(srcs) > 1 and all(s in o.grids for s in srcs):
+            parts = [_quantizer(ctx, o, s)() for s in srcs]  # MoE experts, in expert order
+            return dataclasses.replace(
+                parts[0], data=np.concatenate([np.asarray(p.data) for p in parts])
+            )
         if hf is None:
             return None
         module = hf.removesuffix(".weight")

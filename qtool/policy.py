@@ -18,6 +18,13 @@ The mixes, as a table (``more_bits(i, n)`` is ``i < n/8 or i >= 7n/8 or (i - n/8
     Q5_K_M   Q5_K     Q6_K if more_bits              Q6_K if more_bits             -
     Q4_0/Q5_0 with an imatrix: ffn_down Q4_1/Q5_1 for i < n/8.
 
+``i`` counts ffn_down tensors in llama.cpp's order, except in MoE models (``n_expert > 1``),
+where it is the block number in the name (``layer_info``), so ``ffn_down_exps`` and a shared
+expert's ``ffn_down_shexp`` of one layer get the same choice. 8-expert models (Mixtral) put
+attn_v and attn_k in Q8_0 and attn_output in Q5_K for the Q2_K..Q4_K_M mixes. The router
+(``ffn_gate_inp``) is never quantized, nor a tensor that is 1-D in ggml's count
+(``ffn_gate_inp_shexp``, stored ``(1, n)``).
+
 ``output.weight`` (and ``token_embd.weight`` when the embeddings are tied) gets Q6_K unless the
 preset is Q8_0 or the row does not divide into 256 (then Q8_0); TQ1_0/TQ2_0 give the token
 embeddings Q4_K. Tensors that may not be quantized (1-D, norms) keep their source type.
@@ -134,6 +141,15 @@ def allows_quantization(name: str, ndim: int) -> bool:
     return not any(s in name for s in skip)
 
 
+def ggml_n_dims(shape: Sequence[int]) -> int:
+    """ggml's ``ggml_n_dims``: dimensions up to the last one above 1, in ggml order (PyTorch's
+    reversed), so a ``(1, n)`` tensor such as Qwen2-MoE's shared-expert gate is 1-D."""
+    dims = list(shape)
+    while len(dims) > 1 and dims[0] == 1:
+        dims.pop(0)
+    return len(dims)
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     """What the policy needs to know about the model besides tensor names."""
@@ -195,7 +211,7 @@ def plan_types(
     for name in names:
         _, shape, src_type = info[name]
         cat = category(name)
-        if not allows_quantization(name, len(shape)):
+        if not allows_quantization(name, ggml_n_dims(shape)):
             out[name] = src_type
             continue
         if token_embedding_type and cat == "token_embd":
@@ -279,6 +295,9 @@ def _mix(
         return "Q8_0" if facts.n_expert == 8 else new
     if cat == "ffn_down":
         i = state["ffn_down"]
+        if facts.n_expert > 1:  # layer_info: MoE models number ffn_down by the name's block
+            m = re.match(r"blk\.(\d+)\.", name)
+            i = int(m.group(1)) if m else i
         if preset == "Q2_K":
             new = "Q3_K"
         elif preset == "Q3_K_M":

@@ -85,6 +85,11 @@ class Calibration(_Strict):
     dataset_revision: str | None = None
     tokenizer: str | None = None
     batch_size: Annotated[int, Field(ge=1)] = 1
+    # MoE: every token through every expert for statistics and Hessians (output unchanged)
+    all_experts: bool = False
+    # the forward passes' dtype; statistics and Hessians accumulate in float32 or wider.
+    # "auto": bfloat16 where the device multiplies it fast, else float32 (recorded resolved)
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # statistics from `qtool calibrate` instead of a calibration pass (SmoothQuant, static
     # activation scales, importance-weighted RTN)
     stats: str | None = None
@@ -484,6 +489,8 @@ FLAGS = {
     "text_field": "--text-field",
     "tokenizer": "--tokenizer",
     "batch_size": "--batch-size",
+    "all_experts": "--all-experts",
+    "compute_dtype": "--compute-dtype",
     "damp": "--damp",
     "block_size": "--block-size",
     "act_order": "--act-order/--no-act-order",
@@ -500,7 +507,17 @@ FLAGS = {
 GGUF_ONLY = ("imatrix", "tensor_type", "output_tensor_type", "token_embedding_type", "pure")
 INT_ONLY = ("bits", "group_size", "granularity", "asym", "restricted", "act_bits", "act_static")
 GPTQ_ONLY = ("damp", "block_size", "act_order", "static_groups", "true_sequential")
-CALIBRATION = ("dataset", "samples", "seq_len", "seed", "text_field", "tokenizer", "batch_size")
+CALIBRATION = (
+    "dataset",
+    "samples",
+    "seq_len",
+    "seed",
+    "text_field",
+    "tokenizer",
+    "batch_size",
+    "all_experts",
+    "compute_dtype",
+)
 METHOD_ALIASES = {"kquant": "rtn"}
 
 

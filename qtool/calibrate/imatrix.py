@@ -70,13 +70,34 @@ def entries_from_stats(
     model_type: str,
     n_layers: int,
     include_output: bool = False,
+    n_expert: int = 0,
 ) -> dict[str, ImatrixEntry]:
     """GGUF-named imatrix entries from qtool's statistics.
 
     ``lm_head`` becomes ``output.weight`` only with ``include_output`` (llama-imatrix leaves it
-    out unless ``--process-output``). Layers without a GGUF name are skipped."""
+    out unless ``--process-output``). Layers without a GGUF name are skipped. MoE experts
+    (``n_expert``) go into their merged 3-D tensor's entry, one row of sums and one count per
+    expert, as llama-imatrix stores ``ffn_*_exps`` (an expert no token reached has count 0,
+    which llama-quantize reads as uniform importance)."""
+    from qtool.models import family_for
+
+    family = family_for(
+        {"model_type": model_type, "num_hidden_layers": n_layers, "num_experts": n_expert},
+        strict=False,
+    )
     out: dict[str, ImatrixEntry] = {}
     for st in stats:
+        ref = family.expert_of(st.name) if n_expert > 1 else None
+        if ref is not None:
+            e = out.get(ref.gguf)
+            if e is None:
+                e = out[ref.gguf] = ImatrixEntry(
+                    sums=np.zeros((n_expert, st.sum_sq.size), np.float32),
+                    counts=np.zeros(n_expert, np.float32),
+                )
+            e.sums[ref.expert] = st.sum_sq.astype(np.float32)
+            e.counts[ref.expert] = float(st.count)
+            continue
         g = gguf_weight_name(st.name, model_type, n_layers)
         if g is None or (g == "output.weight" and not include_output):
             continue

@@ -36,7 +36,13 @@ from qtool.checkpoint import Checkpoint, open_checkpoint
 from qtool.errors import BadInputError, UnsupportedError
 from qtool.events import SILENT, Reporter
 from qtool.models.spec import ModelSpec
-from qtool.runner.layers import DTYPES, calibrate_layerwise, pick_device
+from qtool.runner.layers import (
+    COMPUTE_DTYPES,
+    calibrate_layerwise,
+    dtype_name,
+    pick_device,
+    resolve_dtype,
+)
 
 
 @dataclass
@@ -52,9 +58,12 @@ class CalibrateOptions:
     tokenizer: str | None = None
     batch_size: int = 1
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"  # compute dtype of the forward passes (auto: bf16 where fast)
+    max_memory: int | None = None  # host budget (bytes): the memory plan places the caches
+    max_gpu_memory: int | None = None
     hessian: bool = False
     lm_head: bool = True
+    all_experts: bool = False  # MoE: every token through every expert for the statistics
 
 
 @dataclass
@@ -73,8 +82,8 @@ def prepare(
     src: str | Checkpoint, opts: CalibrateOptions, *, revision: str | None = None
 ) -> Prepared:
     """Resolve the model and the dataset and make the samples (all the input checks)."""
-    if opts.dtype not in DTYPES:
-        raise BadInputError(f"--dtype {opts.dtype}: use one of {', '.join(DTYPES)}")
+    if opts.dtype not in COMPUTE_DTYPES:
+        raise BadInputError(f"--dtype {opts.dtype}: use one of {', '.join(COMPUTE_DTYPES)}")
     if opts.samples < 1:
         raise BadInputError(f"--samples {opts.samples}: must be at least 1")
     if opts.seq_len < 2:
@@ -125,6 +134,34 @@ def prepare(
     return Prepared(ckpt, spec, samples, dataset, tok_path, list(docs.notes))
 
 
+def memory_plan(
+    ckpt: Checkpoint,
+    ids: torch.Tensor,
+    opts: CalibrateOptions,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    gptq: bool,
+    true_sequential: bool = True,
+) -> Any:
+    """The run's :class:`qtool.runner.memory.MemoryPlan` (raises when no placement fits)."""
+    from qtool.runner.memory import plan_memory, shape_of
+
+    return plan_memory(
+        shape_of(ckpt),
+        tokens=int(ids.numel()),
+        batch_tokens=int(ids.shape[1]) * opts.batch_size,
+        seq_len=int(ids.shape[1]),
+        dtype_bytes=torch.tensor([], dtype=dtype).element_size(),
+        dtype=dtype_name(dtype),
+        device=str(device),
+        gptq=gptq,
+        true_sequential=true_sequential,
+        budget_host=opts.max_memory,
+        budget_device=opts.max_gpu_memory,
+    )
+
+
 def _has_tokenizer(root: Path) -> bool:
     names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
     return any((root / n).exists() for n in names)
@@ -135,15 +172,22 @@ def calibrate(
 ) -> CalibrationStats:
     """Run the model layer by layer on the prepared samples and gather the statistics."""
     device = pick_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    mem = memory_plan(prep.ckpt, prep.samples.ids, opts, device, dtype, gptq=False)
+    if progress is not None:
+        for line in mem.lines():
+            progress.debug(line)
     result = calibrate_layerwise(
         prep.ckpt,
         prep.samples.ids,
         batch_size=opts.batch_size,
         device=device,
-        dtype=DTYPES[opts.dtype],
+        dtype=dtype,
         hessian=opts.hessian,
         lm_head=opts.lm_head,
         progress=progress,
+        all_experts=opts.all_experts,
+        place=mem.placement,
     )
     sample_names, sample = sample_weights(prep.ckpt)
     spec = prep.spec
@@ -167,10 +211,44 @@ def calibrate(
         "torch_version": torch.__version__,
         "hist_bins": HIST_BINS,
         "hessian": opts.hessian,
+        **({"moe": moe_meta(prep.ckpt, result.routed, opts.all_experts)} if result.routed else {}),
     }
     cal = CalibrationStats(meta, result.stats, sample, None, gguf_names)
     cal.seconds = result.seconds
     return cal
+
+
+def moe_meta(ckpt: Checkpoint, routed: dict[int, list[int]], all_experts: bool) -> dict[str, Any]:
+    """The router statistics of an MoE run: tokens routed to each expert of each layer."""
+    from qtool.models import family_for
+    from qtool.runner.moe import MIN_EXPERT_TOKENS
+
+    fam = family_for(ckpt.config, strict=False)
+    return {
+        "n_expert": int(fam.get("num_local_experts", "num_experts", default=0)),
+        "top_k": int(fam.get("num_experts_per_tok", default=0)),
+        "all_experts": all_experts,
+        "min_tokens": MIN_EXPERT_TOKENS,
+        "routed": {str(i): c for i, c in sorted(routed.items())},
+    }
+
+
+def coverage(moe: dict[str, Any]) -> dict[str, Any]:
+    """Per MoE layer: min / median / max routed tokens and the starved experts (fewer than
+    ``min_tokens``: GPTQ rounds those to nearest instead)."""
+    layers = []
+    for i, counts in moe["routed"].items():
+        s = sorted(counts)
+        layers.append(
+            {
+                "layer": int(i),
+                "min": s[0],
+                "median": s[len(s) // 2],
+                "max": s[-1],
+                "starved": [(e, c) for e, c in enumerate(counts) if c < moe["min_tokens"]],
+            }
+        )
+    return {**{k: v for k, v in moe.items() if k != "routed"}, "layers": layers}
 
 
 def _created() -> str | None:
@@ -193,6 +271,7 @@ def imatrix_of(cal: CalibrationStats, *, include_output: bool = False) -> Imatri
         model_type=m["model_type"],
         n_layers=int(m["n_layers"]),
         include_output=include_output and not m.get("tied_embeddings", False),
+        n_expert=int((cal.meta.get("moe") or {}).get("n_expert", 0)),
     )
     if not entries:
         raise UnsupportedError(
@@ -261,6 +340,13 @@ def run_calibrate(
         f"tokens sha256 {d['tokens_sha256'][:16]})"
     )
     cal = calibrate(prep, opts, progress=reporter)
+    for r in coverage(cal.meta["moe"])["layers"] if cal.meta.get("moe") else []:
+        if r["starved"]:
+            reporter.warn(
+                f"layer {r['layer']}: {len(r['starved'])} experts saw fewer than "
+                f"{cal.meta['moe']['min_tokens']} tokens (e.g. expert {r['starved'][0][0]}: "
+                f"{r['starved'][0][1]}); more samples or --all-experts give them data"
+            )
     im = imatrix_of(cal, include_output=imatrix_output) if imatrix is not None else None
     save_stats(stats_path, cal)
     if im is not None and imatrix is not None:
@@ -284,5 +370,6 @@ def run_calibrate(
         "seconds": round(time.perf_counter() - t0, 2),
         "outlier_factor": outlier_factor,
         "outliers": rows,
+        **({"experts": coverage(cal.meta["moe"])} if cal.meta.get("moe") else {}),
     }
     return data, cal

@@ -8,10 +8,14 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
+    from qtool import interrupt
+
     try:
+        interrupt.install()
         from qtool.cli.app import run
 
         run(argv)
+        interrupt.check()  # an interrupt swallowed where it could not propagate
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         sys.exit(130)

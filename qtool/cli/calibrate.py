@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qtool.cli.options import JsonFlag, Revision, Source
+from qtool.cli.options import JsonFlag, MaxGpuMemory, MaxMemory, Revision, Source
 from qtool.cli.options import output as sink
 
 
@@ -73,11 +73,27 @@ def calibrate_cmd(
         str, typer.Option("--device", help="auto (GPU if present), cpu, cuda, cuda:N.")
     ] = "auto",
     dtype: Annotated[
-        str, typer.Option("--dtype", help="Compute dtype: float32, bfloat16, float16.")
-    ] = "float32",
+        str,
+        typer.Option(
+            "--compute-dtype",
+            "--dtype",
+            help="Forward passes' dtype: auto (bfloat16 where fast, else float32), float32, "
+            "bfloat16, float16; statistics accumulate in float32/float64.",
+        ),
+    ] = "auto",
+    max_memory: MaxMemory = None,
+    max_gpu_memory: MaxGpuMemory = None,
     hessian: Annotated[
         bool,
         typer.Option("--hessian", help="Also store GPTQ's Σ x xᵀ per distinct input (large)."),
+    ] = False,
+    all_experts: Annotated[
+        bool,
+        typer.Option(
+            "--all-experts",
+            help="MoE: run every token through every expert for the statistics (the output "
+            "still uses the routed ones).",
+        ),
     ] = False,
     top: Annotated[int, typer.Option("--top", help="Rows in the outlier table.")] = 10,
     outlier_factor: Annotated[
@@ -118,6 +134,9 @@ def calibrate_cmd(
             device=device,
             dtype=dtype,
             hessian=hessian,
+            all_experts=all_experts,
+            max_memory=max_memory,
+            max_gpu_memory=max_gpu_memory,
             revision=revision,
             top=top,
             outlier_factor=outlier_factor,
@@ -174,5 +193,30 @@ def render(console: Console, d: dict[str, Any]) -> None:
             str(r["outlier_channels"]),
             str(r["top_channel"]),
             f"{r['p99_9']:.3g}",
+        )
+    console.print(t)
+    if d.get("experts"):
+        render_coverage(console, d["experts"])
+
+
+def render_coverage(console: Console, moe: dict[str, Any]) -> None:
+    """Tokens routed to each expert, per MoE layer; starved experts flagged."""
+    t = Table(
+        title=f"Expert coverage: tokens routed per expert ({moe['top_k']} of {moe['n_expert']} "
+        f"per token{'; statistics from every token' if moe['all_experts'] else ''}); starved: "
+        f"< {moe['min_tokens']} tokens",
+        title_justify="left",
+    )
+    for col in ("layer", "min", "median", "max", "starved experts"):
+        t.add_column(col, justify="left" if col.startswith(("layer", "starved")) else "right")
+    for r in moe["layers"]:
+        starved = ", ".join(f"{e} ({n})" for e, n in r["starved"][:12])
+        more = len(r["starved"]) - 12
+        t.add_row(
+            str(r["layer"]),
+            str(r["min"]),
+            str(r["median"]),
+            str(r["max"]),
+            (starved + (f" +{more} more" if more > 0 else "")) or "-",
         )
     console.print(t)

@@ -59,8 +59,8 @@ def export_cmd(
         bool,
         typer.Option(
             "--resume",
-            help="GGUF: continue the interrupted export of this output (killed, power loss, "
-            "Ctrl-C) from its checkpoint OUTPUT.qtool-partial/, checked "
+            help="GGUF: continue the interrupted export of this output (killed, power loss, or "
+            "Ctrl-C of a run given --resume) from its checkpoint OUTPUT.qtool-partial/, checked "
             "to be this very run's; the file is byte-identical to an uninterrupted export. "
             "Without it such a checkpoint is refused, not replaced.",
         ),

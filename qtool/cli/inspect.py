@@ -122,6 +122,15 @@ def render(console: Console, d: dict[str, Any]) -> None:
         ("by dtype", ", ".join(f"{k} {_count(v)}" for k, v in p["by_dtype"].items())),
         ("on disk", f"{_size(m['bytes_on_disk'])} ({m['format']})"),
     ]
+    if moe := p.get("moe"):
+        rows.insert(
+            9,
+            (
+                "active / token",
+                f"{moe['active']:,} ({_count(moe['active'])}): {moe['top_k']} of "
+                f"{moe['n_expert']} experts routed; experts {_count(moe['experts'])}",
+            ),
+        )
     for k, v in rows:
         head.add_row(k, str(v))
     console.print(head)
@@ -136,6 +145,9 @@ def render(console: Console, d: dict[str, Any]) -> None:
     t.add_column("format")
     t.add_column("weights", justify="right")
     t.add_column("bits/weight", justify="right")
+    moe = bool(p.get("moe"))
+    if moe:
+        t.add_column("of which experts", justify="right")
     t.add_column("inference total", justify="right")
     for g in gpus:
         t.add_column(f"{g} GiB GPUs", justify="right")
@@ -144,6 +156,7 @@ def render(console: Console, d: dict[str, Any]) -> None:
             f["format"],
             _size(f["bytes"]),
             f"{f['bits_per_weight']:.3f}",
+            *([_size(f["expert_bytes"])] if moe else []),
             _size(r["total"]),
             *[str(r["gpus"][k]) for k in r["gpus"]],
         )

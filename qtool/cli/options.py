@@ -28,6 +28,28 @@ AllowPickle = Annotated[
 ]
 
 
+MaxMemory = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        help="Host memory budget (e.g. 16GiB): calibration caches go to disk past it; a run "
+        "that cannot fit is refused before it starts.",
+    ),
+]
+MaxGpuMemory = Annotated[
+    str | None,
+    typer.Option("--max-gpu-memory", help="GPU memory budget (e.g. 70GiB)."),
+]
+ComputeDtype = Annotated[
+    str | None,
+    typer.Option(
+        "--compute-dtype",
+        help="Forward passes' dtype: auto (bfloat16 where fast: GPUs, CPUs with AVX-512 BF16 "
+        "or AMX; else float32), float32, bfloat16, float16 \\[auto].",
+    ),
+]
+
+
 def output(json_out: bool) -> Output:
     """The sink, in JSON mode when ``--json`` was given before or after the command."""
     out = get_output()

@@ -14,7 +14,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qtool.cli.options import AllowPickle, JsonFlag, Revision, Source
+from qtool.cli.options import (
+    AllowPickle,
+    ComputeDtype,
+    JsonFlag,
+    MaxGpuMemory,
+    MaxMemory,
+    Revision,
+    Source,
+)
 from qtool.cli.options import output as sink
 
 Imatrix = Annotated[
@@ -159,8 +167,8 @@ def quantize_cmd(
         Path | None,
         typer.Option(
             "--resume",
-            help="Continue an interrupted run (killed, power loss, "
-            "Ctrl-C) to the bytes an uninterrupted one writes: GPTQ's checkpoint folder "
+            help="Continue an interrupted run (killed, power loss, or Ctrl-C of a run given "
+            "--resume) to the bytes an uninterrupted one writes: GPTQ's checkpoint folder "
             "(OUTPUT.qtool-gptq by default); without GPTQ, the OUT.qtool-partial folder a GGUF "
             "output left. GGUF outputs continue their partial files too.",
         ),
@@ -168,6 +176,9 @@ def quantize_cmd(
     device: Annotated[
         str, typer.Option("--device", help="auto (GPU if present), cpu, cuda:N.")
     ] = "auto",
+    compute_dtype: ComputeDtype = None,
+    max_memory: MaxMemory = None,
+    max_gpu_memory: MaxGpuMemory = None,
     eval_dataset: Annotated[
         str | None,
         typer.Option(
@@ -193,6 +204,14 @@ def quantize_cmd(
     pure: Pure = False,
     dry_run: DryRun = False,
     tokenizer_pre: TokenizerPre = None,
+    all_experts: Annotated[
+        bool,
+        typer.Option(
+            "--all-experts",
+            help="MoE: every calibration token through every expert, so each gets statistics "
+            "and a Hessian (the routed output is unchanged).",
+        ),
+    ] = False,
     strict: Strict = False,
     revision: Revision = None,
     allow_pickle: AllowPickle = False,
@@ -247,6 +266,8 @@ def quantize_cmd(
         "pure": pure or None,
         "tokenizer_pre": tokenizer_pre,
         "strict": strict or None,
+        "all_experts": all_experts or None,
+        "compute_dtype": compute_dtype,
     }
     given = {k: v for k, v in options.items() if v is not None}
     if recipe is not None and given:
@@ -265,6 +286,8 @@ def quantize_cmd(
             dry_run=dry_run,
             resume=resume,
             device=device,
+            max_memory=max_memory,
+            max_gpu_memory=max_gpu_memory,
             eval_dataset=eval_dataset,
             eval_ctx=eval_ctx,
             eval_chunks=eval_chunks,

@@ -127,7 +127,7 @@ class EvalCheckpoint:
         meta = {"qtool_eval_state": STATE_VERSION, "identity": self.identity, **mark}
         blob = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
         savez: Any = np.savez  # (file, **arrays); its stub types the keywords as options
-        with atomic_file(self.path) as f:
+        with atomic_file(self.path, checkpoint=True) as f:
             savez(f, meta=blob, **arrays)
         fsync_dir(self.path.resolve().parent)
         self._last = time.monotonic()

@@ -20,9 +20,11 @@ imatrix's hash). A run killed at any moment (SIGKILL, power loss) leaves a consi
 checkpoint; ``resume=True`` (``--resume``) checks it is this very run's (identity, the header
 bytes in the file, the last complete tensor encoded again and compared), truncates the file to
 the offset and writes the remaining tensors, which gives the same bytes as an uninterrupted run.
-Ctrl-C records the tensors complete so far (as GPTQ keeps its checkpoints) and says how to
-continue; a failure (a full disk, bad input) removes what the run wrote. Without ``resume`` a
-checkpoint left by an earlier run is refused rather than silently replaced or continued.
+Without ``resume`` a checkpoint left by an earlier run is refused rather than silently replaced
+or continued. Ctrl-C or a failure of a run given ``resume`` records the tensors complete so far
+(bad input aside, which a rerun would meet again), so the same command continues it; without
+``resume`` it removes the folder (nothing is left behind, as for every output), so only a hard
+kill leaves one.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import numpy as np
 from gguf.gguf_writer import WriterState
 from qtool.kernels.types import get_type
 
+from qtool import interrupt
 from qtool.checkpoint import Checkpoint
 from qtool.errors import BadInputError, CorruptFileError
 from qtool.events import SILENT, Reporter
@@ -257,7 +260,7 @@ def write_gguf(
         if partial.abort(e):
             reporter.warn(
                 f"{path.name}: {partial.completed} of {len(sizes)} tensors kept in "
-                f"{partial.folder}; continue with {resume_hint}"
+                f"{partial.folder}; the same command continues"
             )
         raise
     return path.stat().st_size
@@ -500,6 +503,7 @@ class PartialGGUF:
         align: int,
         header: bytes,
         *,
+        resume: bool,
         created: bool,
     ) -> None:
         self.path = path
@@ -509,6 +513,7 @@ class PartialGGUF:
         self.offsets = offsets
         self.align = align
         self.header = header
+        self.resume = resume
         self.created = created  # the folder is this run's (remove it if nothing comes of it)
         self.done = int(state.get("tensors_done", 0))
         self.completed = self.done  # complete tensors in the file
@@ -557,7 +562,9 @@ class PartialGGUF:
                 for old in folder.iterdir():  # an earlier run's leftovers, nothing to continue
                     if old.name != LOCK:
                         shutil.rmtree(old) if old.is_dir() else old.unlink()
-                return cls(path, folder, fd, fresh, offsets, align, header, created=True)
+                return cls(
+                    path, folder, fd, fresh, offsets, align, header, resume=resume, created=True
+                )
             _refuse(path, folder, state, mine, resume=resume, hint=hint)
             done = int(state["tensors_done"])
             if not 0 <= done <= len(sizes) or state.get("offset") != offsets[done]:
@@ -579,7 +586,7 @@ class PartialGGUF:
                         f"{folder}: its header is not the one this run writes",
                         hint=f"delete {folder} to start over",
                     )
-            part = cls(path, folder, fd, state, offsets, align, header, created=False)
+            part = cls(path, folder, fd, state, offsets, align, header, resume=True, created=False)
             part.file = open(folder / DATA, "r+b")  # noqa: SIM115 - closed by finish/abort
             return part
         except BaseException:
@@ -627,16 +634,17 @@ class PartialGGUF:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
+        interrupt.check()  # never publish an output after Ctrl-C (one swallowed included)
         os.replace(self.data, self.path)
         fsync_dir(self.path.resolve().parent)
         shutil.rmtree(self.folder, ignore_errors=True)
         _unlock(self.lock)
 
     def abort(self, exc: BaseException) -> bool:
-        """After Ctrl-C, keep the checkpoint, brought up to the last complete tensor (True);
-        after a failure (a full disk, bad input), or with no tensor complete, remove what this
-        run wrote. A checkpoint this run did not change stays as it was."""
-        keep = self.completed > 0 and isinstance(exc, KeyboardInterrupt)
+        """After Ctrl-C or a failure: with ``resume`` keep the checkpoint, brought up to the
+        last complete tensor (True), unless none is complete or the input is at fault; else
+        remove what this run wrote. A checkpoint this run did not change stays as it was."""
+        keep = self.resume and self.completed > 0 and not isinstance(exc, BadInputError)
         if self.file is not None:
             if keep and self.modified:
                 try:
@@ -666,10 +674,12 @@ def _tensor_data(
         yield np.ascontiguousarray(_encoded_rows(src, family, e, ready))
         return
     imat = imatrix.get(e.name) if get_type(e.qtype).block_size > 1 else None
+    row = 0
     for x in float_chunks(src, family, e):
-        data = encode(x, e.qtype, imat, e.name)
+        for data in _encode_rows(x, e, imat, row):
+            yield np.ascontiguousarray(data)
+        row += x.size // e.shape[-1]
         del x
-        yield np.ascontiguousarray(data)
 
 
 def _check_last_tensor(
@@ -767,6 +777,31 @@ def _stream_tensors(
     reporter.debug(f"streamed {len(plan.entries) - start} tensors in {time.monotonic() - t0:.1f}s")
 
 
+def _encode_rows(
+    x: np.ndarray, e: PlanEntry, imat: np.ndarray | None, row: int
+) -> Iterator[np.ndarray]:
+    """Encode a chunk of float rows starting at row ``row`` of the tensor. A 3-D (MoE experts)
+    tensor's imatrix holds one vector per expert (llama-imatrix's layout): each expert's rows
+    use their own, as ``llama_tensor_quantize_impl`` does (chunks stop at expert boundaries)."""
+    cols = e.shape[-1]
+    if imat is None or len(e.shape) < 3 or imat.size == cols:
+        yield encode(x, e.qtype, imat, e.name)
+        return
+    per_expert = int(np.prod(e.shape[1:-1]))
+    if imat.size != e.shape[0] * cols:
+        raise BadInputError(
+            f"imatrix entry {e.name}: {imat.size} values, the tensor needs {cols} or "
+            f"{e.shape[0]} x {cols} (one per expert)"
+        )
+    rows = x.reshape(-1, cols)
+    r = 0
+    while r < rows.shape[0]:
+        expert = (row + r) // per_expert
+        stop = min(rows.shape[0], (expert + 1) * per_expert - row)
+        yield encode(rows[r:stop], e.qtype, imat[expert * cols : (expert + 1) * cols], e.name)
+        r = stop
+
+
 def _encoded_rows(src: Checkpoint, family: Family, e: PlanEntry, ready: Any) -> np.ndarray:
     """A method's encoded tensor (GGUFWeight, HF row order) in llama.cpp's row order."""
     if ready.qtype != e.qtype:
@@ -792,7 +827,7 @@ def float_chunks(src: Checkpoint, family: Family, e: PlanEntry) -> Iterator[np.n
     """The tensor as float32 in llama.cpp's layout, whole or in row chunks of ~CHUNK_BYTES."""
     t = e.tensor
     if t.build is not None:
-        parts = t.build([read_float(src, n) for n in t.sources])
+        parts = t.build(_LazySources(src, t.sources))
     elif src.format == "gguf":
         parts = _gguf_row_chunks(src, e)
     else:
@@ -802,6 +837,22 @@ def float_chunks(src: Checkpoint, family: Family, e: PlanEntry) -> Iterator[np.n
         if not np.isfinite(x).all():
             raise BadInputError(f"tensor {e.hf_name or e.name} contains NaN or Inf values")
         yield x
+
+
+class _LazySources(Sequence[np.ndarray]):
+    """The source tensors of a merged tensor, each read when indexed: a ``build`` that takes
+    them one at a time (MoE experts) holds one in memory, not all."""
+
+    def __init__(self, src: Checkpoint, names: tuple[str, ...]) -> None:
+        self.src, self.names = src, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [read_float(self.src, n) for n in self.names[i]]
+        return read_float(self.src, self.names[i])
 
 
 def _row_step(shape: tuple[int, ...]) -> int:

@@ -6,7 +6,7 @@ differs from the llama-like base) + its import below + its tests (README, "Addin
 family").
 """
 
-from qtool.models import gemma3, llama, phi3, qwen  # noqa: F401  (registration)
+from qtool.models import gemma3, llama, mixtral, phi3, qwen, qwen_moe  # noqa: F401  (registration)
 from qtool.models.base import Family, GenericFamily, GGUFTensor, family_for, supported
 
 __all__ = ["Family", "GGUFTensor", "GenericFamily", "family_for", "supported"]

@@ -47,14 +47,15 @@ class GGUFTensor:
     ``sources``: the HF tensors it is made of (one for an ordinary tensor, none for a generated
     one, several for a merged one). ``shape``: PyTorch order (rows first), after the family's
     transform. ``build``: for generated and merged tensors, a function of the source tensors'
-    float32 arrays (read in ``sources`` order) returning the tensor in row chunks.
+    float32 arrays (in ``sources`` order, each read when indexed) returning the tensor in row
+    chunks.
     ``float_only``: the tensor keeps a float type whatever the preset (llama.cpp keeps 1-D
     tensors and generated factors in F32)."""
 
     name: str
     shape: tuple[int, ...]
     sources: tuple[str, ...]
-    build: Callable[[list[Any]], Iterator[Any]] | None = field(default=None, compare=False)
+    build: Callable[[Any], Iterator[Any]] | None = field(default=None, compare=False)
     float_only: bool = False
 
     @property
@@ -173,6 +174,11 @@ class Family:
         if name.startswith("blk."):
             return ("attn_" in name or "ffn_" in name) and "ffn_gate_inp" not in name
         return _LAYER.search(name) is not None and ".mlp.gate.weight" not in name
+
+    def expert_of(self, hf_name: str) -> Any:
+        """For a mixture-of-experts family, the routed expert a per-expert tensor or linear
+        belongs to (:class:`qtool.models.moe.ExpertRef`); None for dense families."""
+        return None
 
     def skip(self, hf_name: str) -> bool:
         """Tensors llama.cpp does not load (rotary caches, a duplicated tied lm_head)."""

@@ -15,9 +15,15 @@ The model is built from its config as a skeleton whose parameters live on the ``
 3. **final norm**: its output is the ``lm_head`` input (the logits themselves are not needed).
 
 Peak memory is about one layer's weights (or the embedding matrix, whichever is larger) plus
-the hidden-state cache (``samples x seq_len x hidden`` in the compute dtype); the rest of the
-model is never in memory. This follows the sequential scheme of GPTQ's reference code
-(Frantar et al. 2022, ``llama_sequential``), without quantizing between layers.
+the hidden-state cache (``samples x seq_len x hidden`` in the compute dtype), which the memory
+plan (:mod:`.memory`) keeps on the device, in host memory or on disk (:mod:`.stash`); the rest
+of the model is never in memory. This follows the sequential scheme of GPTQ's reference code
+(Frantar et al. 2022, ``llama_sequential``). :class:`Session` is that scheme, shared by
+calibration (:func:`calibrate_layerwise`) and GPTQ (:mod:`.sequential`).
+
+The compute dtype (``auto``: bfloat16 where the device multiplies it fast — a GPU with bf16, a
+CPU with AVX-512 BF16 or AMX — else float32) is the forward passes'; accumulators (statistics,
+Hessians) stay float32 or float64, and GPTQ solves on the checkpoint's own weights.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,8 +42,40 @@ from qtool.calibrate.stats import LinearStats, NonFiniteError, StatsCollector
 from qtool.checkpoint import Checkpoint
 from qtool.errors import BadInputError, QToolError, UnsupportedError
 from qtool.events import SILENT, Reporter
+from qtool.runner.stash import Stash
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPUTE_DTYPES = ("auto", *DTYPES)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype: ``auto`` is bfloat16 where the device has fast bfloat16 products (a
+    CUDA GPU that supports it; a CPU with AVX-512 BF16 or AMX), else float16 on older GPUs and
+    float32 on other CPUs."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise BadInputError(f"--compute-dtype {name}: use one of {', '.join(COMPUTE_DTYPES)}")
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if {"avx512_bf16", "amx_bf16"} & cpu_flags():
+        return torch.bfloat16
+    return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class _Stop(Exception):
@@ -53,6 +92,8 @@ class LayerwiseResult:
     dtype: str
     seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # MoE: tokens routed to each expert (top-k), per layer index
+    routed: dict[int, list[int]] = field(default_factory=dict)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -108,6 +149,7 @@ def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
             model = AutoModelForCausalLM.from_config(
                 config, dtype=dtype, attn_implementation=attn, trust_remote_code=False
             )
+            _install_moe(model, ckpt, dtype)
     except (ValueError, KeyError, ImportError) as e:
         raise UnsupportedError(
             f"{ckpt.source}: transformers cannot build this architecture "
@@ -116,6 +158,18 @@ def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
         ) from e
     model.eval()
     return model
+
+
+def _install_moe(model: nn.Module, ckpt: Checkpoint, dtype: torch.dtype) -> None:
+    """Mixture-of-experts families: one ``nn.Linear`` per expert (:mod:`qtool.runner.moe`)."""
+    from qtool.models import family_for
+
+    spec = getattr(family_for(ckpt.config, strict=False), "moe_spec", lambda: None)()
+    if spec is not None:
+        from qtool.runner.moe import install_moe_blocks
+
+        install_moe_blocks(_parts(model).layers, spec)
+        model.to(dtype)
 
 
 @dataclass
@@ -176,32 +230,54 @@ class WeightLoader:
         self.dtype = dtype
         self.bytes_read = 0
 
-    def _find(self, name: str) -> str:
-        t = self.ckpt.tensors
+    def _candidates(self, name: str) -> list[str]:
         cands = [name, f"model.{name}", name.removeprefix("model.")]
         if name.startswith("model."):
             cands.append("model.language_model." + name.removeprefix("model."))
-        for c in cands:
+        return cands
+
+    def _reader(self, name: str) -> tuple[str, Callable[[], torch.Tensor]]:
+        """(what is read, how) for the model's parameter ``name``: the checkpoint tensor of that
+        name, else through transformers' weight conversions (:func:`qtool.runner.moe.
+        conversion_reader`: fused MoE experts built from per-expert tensors, or sliced)."""
+        t = self.ckpt.tensors
+        for c in self._candidates(name):
             if c in t:
-                return c
+                return c, lambda c=c: self.ckpt.read(c)
+        from qtool.runner.moe import conversion_reader
+
+        model_type = str(self.ckpt.config.get("model_type", ""))
+        for c in self._candidates(name):
+            reader = conversion_reader(t, self.ckpt.read, model_type, c)
+            if reader is not None:
+                return c, reader
         raise UnsupportedError(
             f"{self.ckpt.source}: the model needs tensor {name}, which the checkpoint lacks",
             hint="is the checkpoint complete, and is it the architecture config.json names?",
         )
 
+    def read(self, name: str) -> torch.Tensor:
+        """One checkpoint tensor as stored (for the model's parameter ``name``)."""
+        return self._reader(name)[1]()
+
     def load(self, module: nn.Module, prefix: str) -> None:
         """Materialize every parameter of ``module`` (named ``prefix + name`` in the model)."""
         for pname, param in list(module.named_parameters()):
-            src = self._find(prefix + pname)
-            info = self.ckpt.tensors[src]
-            if tuple(info.shape) != tuple(param.shape):
+            src, read = self._reader(prefix + pname)
+            info = self.ckpt.tensors.get(src)
+            if info is not None and tuple(info.shape) != tuple(param.shape):
                 raise UnsupportedError(
                     f"{self.ckpt.source}: tensor {src} has shape {tuple(info.shape)}, "
                     f"the config implies {tuple(param.shape)}"
                 )
-            t = self.ckpt.read(src)
+            t = read()
+            self.bytes_read += info.nbytes if info is not None else t.numel() * t.element_size()
+            if tuple(t.shape) != tuple(param.shape):
+                raise UnsupportedError(
+                    f"{self.ckpt.source}: {src} reads as shape {tuple(t.shape)}, "
+                    f"the config implies {tuple(param.shape)}"
+                )
             t = t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
-            self.bytes_read += info.nbytes
             _set(module, pname, nn.Parameter(t, requires_grad=False))
         for bname, buf in list(module.named_buffers()):
             if buf.device.type != "meta":
@@ -258,21 +334,20 @@ def embedding_pass(
     loader: WeightLoader,
     batches: list[torch.Tensor],
     device: torch.device,
-    cache_dev: torch.device,
+    hidden: Stash,
     progress: Reporter,
-) -> tuple[list[torch.Tensor], LayerArgs]:
-    """Run the model's own forward with every decoder layer stubbed: returns the hidden states
-    entering layer 0 (one tensor per batch, on ``cache_dev``) and, per batch size, the extra
+) -> LayerArgs:
+    """Run the model's own forward with every decoder layer stubbed: the hidden states entering
+    layer 0 go into ``hidden`` (one tensor per batch); returns, per batch size, the extra
     arguments the model passes each layer (masks, rotary embeddings...)."""
     loader.load(parts.embed, parts.embed_name + ".")
-    hidden: list[torch.Tensor] = []
     layer_args: LayerArgs = {}
     recording: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
     n_layers = len(parts.layers)
 
     def sink(i: int, h: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if i == 0:
-            hidden.append(h.detach().to(cache_dev))
+            hidden.append(h)
         recording.append((args, kwargs))
 
     real = list(parts.layers)
@@ -297,7 +372,98 @@ def embedding_pass(
         for i, layer in enumerate(real):
             parts.layers[i] = layer
     WeightLoader.unload(parts.embed)
-    return hidden, layer_args
+    return layer_args
+
+
+class Session:
+    """One layer-by-layer run over calibration token ``ids``: the model's skeleton, its weights
+    read lazily, the hidden states between layers in a :class:`Stash` placed by the memory plan
+    (``place``: device, host or disk), and the per-layer arguments the embedding pass recorded.
+    Calibration and GPTQ both drive one."""
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        ids: torch.Tensor,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_size: int = 1,
+        place: str = "device",
+        folder: Path | None = None,
+        reporter: Reporter = SILENT,
+    ) -> None:
+        self.ckpt = ckpt
+        self.device = device
+        self.dtype = dtype
+        self.place = place
+        self.folder = folder
+        self.reporter = reporter
+        self.model = build_skeleton(ckpt, dtype)
+        self.parts = _parts(self.model)
+        self.loader = WeightLoader(ckpt, device, dtype)
+        self.batches = list(ids.split(max(1, batch_size)))
+        self.layers = list(self.parts.layers)
+        self.hidden = self.stash("hidden")
+        self.layer_args: LayerArgs = {}
+        buffers_to(self.model, device)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def stash(self, name: str) -> Stash:
+        """A new per-batch store placed as the plan says."""
+        return Stash(self.place, self.device, folder=self.folder, name=name)
+
+    def embed(self, total: int) -> None:
+        """The embedding pass: hidden states entering layer 0, and every layer's arguments."""
+        t0 = time.perf_counter()
+        self.reporter.stage("embeddings", 0, total, len(self.batches))
+        self.hidden.clear()
+        self.layer_args = embedding_pass(
+            self.model,
+            self.parts,
+            self.loader,
+            self.batches,
+            self.device,
+            self.hidden,
+            self.reporter,
+        )
+        self.reporter.stage_done("embeddings", time.perf_counter() - t0)
+
+    def prefix(self, i: int) -> str:
+        return f"{self.parts.layers_name}.{i}."
+
+    def args(self, i: int) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+        """Layer ``i``'s extra arguments, one per batch."""
+        return [self.layer_args[b.shape[0]][i] for b in self.batches]
+
+    @contextlib.contextmanager
+    def loaded(self, i: int) -> Iterator[nn.Module]:
+        """Layer ``i`` with its weights read, freed again afterwards."""
+        layer = self.layers[i]
+        self.loader.load(layer, self.prefix(i))
+        try:
+            yield layer
+        finally:
+            WeightLoader.unload(layer)
+
+    def forward(self, layer: nn.Module, i: int, out: Stash | None = None) -> Stash:
+        """Run ``layer`` over every batch of the hidden states; the outputs replace them (or go
+        to ``out``)."""
+        args = self.args(i)
+        target = out if out is not None else self.hidden
+        with torch.no_grad():
+            for j in range(len(self.batches)):
+                a, k = args[j]
+                y = layer(self.hidden[j], *a, **k)
+                target[j] = y[0] if isinstance(y, (tuple, list)) else y
+                self.reporter.batch()
+        return target
+
+    def close(self) -> None:
+        self.hidden.close()
 
 
 def calibrate_layerwise(
@@ -310,99 +476,132 @@ def calibrate_layerwise(
     hessian: bool = False,
     lm_head: bool = True,
     progress: Reporter | None = None,
-    cache_device: torch.device | None = None,
+    place: str | None = None,
+    folder: Path | None = None,
+    all_experts: bool = False,
 ) -> LayerwiseResult:
     """Collect input/output statistics of every linear layer of ``ckpt`` on token ``ids``
-    (``[samples, seq_len]``), one decoder layer at a time."""
+    (``[samples, seq_len]``), one decoder layer at a time. ``place``: where the hidden states
+    between layers live (device, host, disk; default: the device, or host memory when a GPU
+    lacks room). MoE layers count the tokens routed to each expert; ``all_experts`` runs every
+    token through every expert for the statistics."""
     t0 = time.perf_counter()
     device = device or pick_device()
     progress = progress or SILENT
-    model = build_skeleton(ckpt, dtype)
-    parts = _parts(model)
-    loader = WeightLoader(ckpt, device, dtype)
-    n_layers = len(parts.layers)
-    batches = list(ids.split(max(1, batch_size)))
-    cache_dev = cache_device or _cache_device(device, ids, parts, dtype)
+    where = place or _cache_place(device, ids, ckpt, dtype)
+    session = Session(
+        ckpt,
+        ids,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        place=where,
+        folder=folder,
+        reporter=progress,
+    )
+    try:
+        return _calibrate(
+            session, ids, t0, hessian=hessian, lm_head=lm_head, all_experts=all_experts
+        )
+    finally:
+        session.close()
+
+
+def _calibrate(
+    session: Session,
+    ids: torch.Tensor,
+    t0: float,
+    *,
+    hessian: bool,
+    lm_head: bool,
+    all_experts: bool = False,
+) -> LayerwiseResult:
+    from qtool.runner.moe import set_all_experts, take_routed
+
+    progress, device, dtype = session.reporter, session.device, session.dtype
+    n_batches = len(session.batches)
+    total = session.n_layers + 2
     stage_s: dict[str, float] = {}
-    total = n_layers + 2
-
-    buffers_to(model, device)
-
-    # -- 1. embeddings: the model's own forward, layers stubbed ---------------------------------
     s0 = time.perf_counter()
-    progress.stage("embeddings", 0, total, len(batches))
-    hidden, layer_args = embedding_pass(model, parts, loader, batches, device, cache_dev, progress)
-    real = list(parts.layers)
+    session.embed(total)
     stage_s["embeddings"] = time.perf_counter() - s0
-    progress.stage_done("embeddings", stage_s["embeddings"])
 
-    # -- 2. decoder layers, one at a time --------------------------------------------------------
     stats: dict[str, LinearStats] = {}
-    for i, layer in enumerate(real):
+    routed: dict[int, list[int]] = {}
+    for i in range(session.n_layers):
         s0 = time.perf_counter()
         name = f"layer {i}"
-        progress.stage(name, i + 1, total, len(batches))
-        prefix = f"{parts.layers_name}.{i}."
-        loader.load(layer, prefix)
+        progress.stage(name, i + 1, total, n_batches)
         col = StatsCollector(device, hessian=hessian)
-        col.attach(layer, prefix)
-        try:
-            with torch.no_grad():
-                for j, b in enumerate(batches):
-                    args, kwargs = layer_args[b.shape[0]][i]
-                    out = layer(hidden[j].to(device), *args, **kwargs)
-                    out = out[0] if isinstance(out, (tuple, list)) else out
-                    col.end_batch()
-                    hidden[j] = out.to(cache_dev)
-                    progress.batch()
-        except NonFiniteError as e:
-            raise QToolError(
-                f"layer {i}: {e}",
-                hint="use --dtype float32" if dtype != torch.float32 else "check the weights",
-            ) from e
-        finally:
-            stats.update(col.detach())
-            WeightLoader.unload(layer)
+        with session.loaded(i) as layer:
+            set_all_experts(layer, all_experts)
+            col.attach(layer, session.prefix(i))
+            try:
+                args = session.args(i)
+                with torch.no_grad():
+                    for j in range(n_batches):
+                        a, k = args[j]
+                        out = layer(session.hidden[j], *a, **k)
+                        out = out[0] if isinstance(out, (tuple, list)) else out
+                        col.end_batch()
+                        session.hidden[j] = out
+                        progress.batch()
+            except NonFiniteError as e:
+                raise QToolError(
+                    f"layer {i}: {e}",
+                    hint="use --compute-dtype float32"
+                    if dtype != torch.float32
+                    else "check the weights",
+                ) from e
+            finally:
+                stats.update(col.detach())
+                if (counts := take_routed(layer)) is not None:
+                    routed[i] = counts
         stage_s[name] = time.perf_counter() - s0
         progress.stage_done(name, stage_s[name])
 
-    # -- 3. final norm: the lm_head input -------------------------------------------------------
+    # -- the final norm: the lm_head input -------------------------------------------------------
     s0 = time.perf_counter()
-    progress.stage("norm", total - 1, total, len(batches))
+    progress.stage("norm", total - 1, total, n_batches)
+    parts = session.parts
     if lm_head and parts.lm_head_name:
-        loader.load(parts.norm, parts.norm_name + ".")
+        session.loader.load(parts.norm, parts.norm_name + ".")
         col = StatsCollector(device, hessian=hessian, outputs=False)
         with torch.no_grad():
-            for j in range(len(batches)):
-                y = parts.norm(hidden[j].to(device))
+            for j in range(n_batches):
+                y = parts.norm(session.hidden[j])
                 col.observe_input(parts.lm_head_name, y, parts.lm_head_in)
                 col.end_batch()
                 progress.batch()
         stats.update(col.detach())
         WeightLoader.unload(parts.norm)
-    hidden.clear()
+    session.hidden.clear()
     stage_s["norm"] = time.perf_counter() - s0
     progress.stage_done("norm", stage_s["norm"])
     return LayerwiseResult(
         stats=stats,
         tokens=int(ids.numel()),
         device=str(device),
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=dtype_name(dtype),
         seconds=time.perf_counter() - t0,
         stage_seconds=stage_s,
+        routed=routed,
     )
 
 
-def _cache_device(
-    device: torch.device, ids: torch.Tensor, parts: _Parts, dtype: torch.dtype
-) -> torch.device:
-    """Keep the hidden-state cache on the GPU when it takes under half of its free memory."""
+def _cache_place(
+    device: torch.device, ids: torch.Tensor, ckpt: Checkpoint, dtype: torch.dtype
+) -> str:
+    """Without a memory plan: the hidden states stay on the device, or in host memory when a GPU
+    would have to give them over half of its free memory."""
     if device.type != "cuda":
-        return device
-    hidden = getattr(parts.embed, "embedding_dim", None) or parts.lm_head_in or 0
+        return "device"
+    from qtool.models.spec import ModelSpec
+
+    hidden = ModelSpec.from_config(ckpt.config).hidden
     need = ids.numel() * hidden * torch.tensor([], dtype=dtype).element_size()
     free, _total = torch.cuda.mem_get_info(device)
-    return device if need < free // 2 else torch.device("cpu")
+    return "device" if need < free // 2 else "host"
 
 
 def collect_whole_model(

@@ -22,6 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+import re
+import resource
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,17 +43,11 @@ from qtool.checkpoint import Checkpoint
 from qtool.errors import BadInputError, OutputError, QToolError
 from qtool.events import SILENT, Reporter
 from qtool.grids.base import Grid, QuantizedTensor
-from qtool.io import save_tensors, write_text
-from qtool.methods.gptq import GPTQConfig, gptq_quantize
-from qtool.runner.layers import (
-    LayerArgs,
-    WeightLoader,
-    _parts,
-    buffers_to,
-    build_skeleton,
-    embedding_pass,
-    pick_device,
-)
+from qtool.io import atomic_dir, save_tensors, write_text
+from qtool.methods.gptq import GPTQConfig, GPTQResult, gptq_quantize
+from qtool.runner.layers import DTYPES, Session, pick_device
+from qtool.runner.moe import MIN_EXPERT_TOKENS, moe_blocks, set_all_experts, take_routed
+from qtool.runner.stash import Stash
 
 STATE = "state.json"
 WORK_VERSION = 2
@@ -66,15 +65,21 @@ class SequentialOptions:
     true_sequential: bool = True
     batch_size: int = 1
     device: str = "auto"
+    compute_dtype: str = "float32"  # the forward passes' (resolved: never "auto" here)
     cache_outputs: bool = True  # reuse frozen modules' outputs (off only to test that it is exact)
     input_absmax: bool = False  # record each linear's input max |x| (static activation scales)
+    all_experts: bool = False  # MoE: every token through every expert (Hessians for all)
+    place: str = "device"  # where per-batch caches live: device, host, disk (the memory plan)
+    checkpoint_every: int | None = None  # layers between hidden-state checkpoints (None: sized)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "gptq": self.gptq.to_json(),
             "true_sequential": self.true_sequential,
             "batch_size": self.batch_size,
+            "compute_dtype": self.compute_dtype,
             "input_absmax": self.input_absmax,
+            **({"all_experts": True} if self.all_experts else {}),
         }
 
 
@@ -89,6 +94,8 @@ class LinearReport:
     rtn_rel_error: float
     damp: float
     input_absmax: float | None
+    method: str = "gptq"  # "rtn": a MoE expert with too few tokens (see qtool.runner.moe)
+    tokens: int | None = None
 
 
 # -- the resume directory -------------------------------------------------------------------------
@@ -108,6 +115,7 @@ class WorkDir:
         self.path = path
         self.run = run
         self.layers_done = 0
+        self.hidden_at = 0  # the layer whose input hidden states the folder holds
         self.reports: list[dict[str, Any]] = []
 
     @classmethod
@@ -143,49 +151,66 @@ class WorkDir:
                 hint="rerun with the options of the interrupted run, or use a new directory",
             )
         work.layers_done = int(state["layers_done"])
+        work.hidden_at = int(state.get("hidden_at", 0))
         work.reports = list(state.get("reports", []))
         return work
 
     def layer_file(self, i: int) -> Path:
         return self.path / f"layer_{i:04d}.safetensors"
 
-    def hidden_file(self, i: int) -> Path:
-        return self.path / f"hidden_{i:04d}.safetensors"
+    def hidden_dir(self, i: int) -> Path:
+        return self.path / f"hidden_{i:04d}"
 
     def save_layer(
         self,
         i: int,
         weights: list[tuple[str, QuantizedTensor]],
-        hidden: list[torch.Tensor],
         reports: list[LinearReport],
+        hidden: Stash | None,
     ) -> None:
+        """Layer ``i``'s results; with ``hidden``, a checkpoint of the hidden states entering
+        layer ``i + 1`` (one file per batch, so a big cache never has to be in memory at once).
+        ``state.json`` goes last."""
         tensors: dict[str, torch.Tensor] = {}
         for grid_key, w in weights:
             for field_name, t in w.state().items():
                 tensors[f"{_key(w.name, grid_key)}.{field_name}"] = t.contiguous()
         save_tensors(tensors, self.layer_file(i))
-        save_tensors(
-            {f"h{j}": h.detach().to("cpu").contiguous() for j, h in enumerate(hidden)},
-            self.hidden_file(i + 1),
-        )
+        old = self.hidden_at
+        if hidden is not None:
+            with atomic_dir(self.hidden_dir(i + 1)) as tmp:
+                meta = []
+                for j in range(len(hidden)):
+                    t = hidden[j].detach().to("cpu").contiguous()
+                    (tmp / f"{j:06d}.bin").write_bytes(
+                        t.reshape(-1).view(torch.uint8).numpy().tobytes()
+                    )
+                    meta.append({"shape": list(t.shape), "dtype": str(t.dtype)})
+                (tmp / "meta.json").write_text(json.dumps(meta))
+            self.hidden_at = i + 1
         self.layers_done = i + 1
         self.reports.extend(r.__dict__ for r in reports)
         state = {
             "version": WORK_VERSION,
             "run": self.run,
             "layers_done": self.layers_done,
+            "hidden_at": self.hidden_at,
             "reports": self.reports,
         }
         write_text(self.path / STATE, json.dumps(state, indent=1))
-        old = self.hidden_file(i)
-        if old.exists():
-            old.unlink()
+        if hidden is not None and old != self.hidden_at:
+            shutil.rmtree(self.hidden_dir(old), ignore_errors=True)
 
-    def load_hidden(self, device: torch.device) -> list[torch.Tensor]:
-        from safetensors.torch import load_file
-
-        data = load_file(str(self.hidden_file(self.layers_done)))
-        return [data[f"h{j}"].to(device) for j in range(len(data))]
+    def load_hidden(self, into: Stash) -> Stash:
+        """The checkpointed hidden states (entering layer ``hidden_at``), batch by batch."""
+        folder = self.hidden_dir(self.hidden_at)
+        meta = json.loads((folder / "meta.json").read_text())
+        into.clear()
+        for j, m in enumerate(meta):
+            dtype = getattr(torch, m["dtype"].removeprefix("torch."))
+            data = bytearray((folder / f"{j:06d}.bin").read_bytes())
+            into.append(torch.frombuffer(data, dtype=dtype).reshape(m["shape"]))
+        return into
 
     def weights(
         self, n_layers: int, grids: dict[str, Grid]
@@ -258,14 +283,30 @@ def run_identity(
     }
 
 
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
-    return obj
+class _Outputs:
+    """A module's recorded outputs, one per batch: the tensor in a :class:`Stash` (placed by
+    the memory plan) and the tuple shape around it (an attention block returns ``(out, None)``;
+    the extra items its caller discards are not kept)."""
+
+    def __init__(self, stash: Stash) -> None:
+        self.stash = stash
+        self.size: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.stash)
+
+    def add(self, out: Any) -> None:
+        if isinstance(out, tuple):
+            self.size = len(out)
+            out = out[0]
+        self.stash.append(out)
+
+    def __getitem__(self, j: int) -> Any:
+        t = self.stash[j]
+        return t if self.size is None else (t, *([None] * (self.size - 1)))
+
+    def close(self) -> None:
+        self.stash.close()
 
 
 @dataclass
@@ -333,26 +374,34 @@ class _LayerPasses:
         self,
         layer: nn.Module,
         linears: dict[str, nn.Linear],
-        hidden: list[torch.Tensor],
+        hidden: Stash,
         args: list[tuple[tuple[Any, ...], dict[str, Any]]],
-        device: torch.device,
+        stash: Callable[[str], Stash],
         cache_outputs: bool,
         tails: dict[str, tuple[str, int | None]] | None = None,
     ) -> None:
         self.layer = layer
         self.tails: dict[str, tuple[str, int | None]] = (tails or {}) if cache_outputs else {}
         self.tail_linears = {ln for ln, _ in (tails or {}).values()}
-        self.saved: dict[str, list[torch.Tensor]] = {}  # tail linear -> its inputs, per batch
+        self.saved: dict[str, Stash] = {}  # tail linear -> its inputs, per batch
         self.linears = linears
         self.hidden = hidden
         self.args = args
-        self.device = device
+        self.stash = stash  # makes a new per-batch store (device, host or disk, as planned)
         self.cache_outputs = cache_outputs
-        self.cache: dict[str, list[Any]] = {}
+        self.cache: dict[str, _Outputs] = {}
         self.modules = {n: m for n, m in layer.named_modules() if n}
+        self.optional: set[str] = set()  # MoE experts: a batch may route no token to them
         self.lin_under = {
             n: {ln for ln in linears if ln == n or ln.startswith(n + ".")} for n in self.modules
         }
+
+    def close(self) -> None:
+        for c in self.cache.values():
+            c.close()
+        for st in self.saved.values():
+            st.close()
+        self.cache, self.saved = {}, {}
 
     def _frozen(self, quantized: set[str]) -> list[str]:
         return [n for n, lins in self.lin_under.items() if lins and lins <= quantized]
@@ -362,10 +411,11 @@ class _LayerPasses:
         quantized: set[str],
         collect: dict[str, HessianAccumulator] | None,
         on_batch: Callable[[], None],
-    ) -> list[torch.Tensor] | None:
+        out: Stash | None = None,
+    ) -> None:
         """One pass. ``collect`` maps the first linear of each group to collect to its
         accumulator (the pass stops once all have been seen); ``None``: the full forward, whose
-        outputs are returned."""
+        outputs go to ``out``."""
         frozen = set(self._frozen(quantized)) if self.cache_outputs else set()
         maximal = {n for n in frozen if "." not in n or n.rsplit(".", 1)[0] not in frozen}
         # a module whose parent's tail input is being recorded now is not needed afterwards:
@@ -376,8 +426,10 @@ class _LayerPasses:
             for n in maximal
             if "." in n and self.tails.get(n.rsplit(".", 1)[0], ("",))[0] in saving
         }
-        record: dict[str, list[Any]] = {
-            n: [] for n in maximal if n not in self.cache and n not in skip
+        record: dict[str, _Outputs] = {
+            n: _Outputs(self.stash(f"out-{n}"))
+            for n in maximal
+            if n not in self.cache and n not in skip
         }
         j_now = [0]
         patched, hooks = [], []
@@ -395,14 +447,14 @@ class _LayerPasses:
                 used.add(lname)
         for n, store in record.items():
             hooks.append(
-                self.modules[n].register_forward_hook(
-                    lambda _m, _a, out, _s=store: _s.append(_to(out, self.device))
-                )
+                self.modules[n].register_forward_hook(lambda _m, _a, y, _s=store: _s.add(y))
             )
         pending: set[str] = set()
         if collect is not None:
             for lname, acc in collect.items():
-                keep = self.saved.setdefault(lname, []) if lname in self.tail_linears else None
+                keep = None
+                if lname in self.tail_linears:
+                    keep = self.saved.setdefault(lname, self.stash(f"in-{lname}"))
 
                 def pre(
                     _m: nn.Module, a: tuple[Any, ...], _n: str = lname, _acc=acc, _keep=keep
@@ -415,22 +467,25 @@ class _LayerPasses:
                         raise _StopLayer
 
                 hooks.append(self.linears[lname].register_forward_pre_hook(pre))
-        outputs: list[torch.Tensor] = []
         try:
             with torch.no_grad():
-                for j, h in enumerate(self.hidden):
+                for j in range(len(self.hidden)):
                     j_now[0] = j
                     pending.clear()
                     pending.update(collect or ())
                     args, kwargs = self.args[j]
                     try:
-                        out = self.layer(h.to(self.device), *args, **kwargs)
+                        y = self.layer(self.hidden[j], *args, **kwargs)
                     except _StopLayer:
                         on_batch()
                         continue
                     if collect is not None:
+                        if pending <= self.optional:  # experts no token of this batch reached
+                            on_batch()
+                            continue
                         raise QToolError("a GPTQ pass ended without reaching its linear layers")
-                    outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
+                    assert out is not None
+                    out[j] = y[0] if isinstance(y, (tuple, list)) else y
                     on_batch()
         finally:
             for mod in patched:
@@ -440,14 +495,20 @@ class _LayerPasses:
         # keep what the next pass can use: outputs of the outermost frozen modules, recorded
         # for every batch (a module the early stop cut off is recomputed instead)
         for lname in used:
-            del self.saved[lname]
+            self.saved.pop(lname).close()
         done = {n: r for n, r in record.items() if len(r) == len(self.hidden)}
-        self.cache = {
+        for n, r in record.items():
+            if n not in done:
+                r.close()
+        kept = {
             n: self.cache[n] if n in self.cache else done[n]
             for n in maximal
             if n in self.cache or n in done
         }
-        return outputs if collect is None else None
+        for n, c in self.cache.items():
+            if n not in kept:
+                c.close()
+        self.cache = kept
 
     def _tail_forward(self, lname: str, size: int | None, j_now: list[int]) -> Callable[..., Any]:
         linear, saved = self.linears[lname], self.saved[lname]
@@ -469,6 +530,15 @@ class SequentialResult:
     seconds: float
     resumed_from: int
     device: str
+    compute_dtype: str = "float32"
+    peak_host_bytes: int = 0
+    peak_device_bytes: int = 0
+
+
+# Hidden states are checkpointed every k layers, k such that a checkpoint is at most this big
+# (every layer for a small model; every few for a 70B model with 128 x 2048 tokens, 4.3 GB in
+# bfloat16): a resumed run recomputes the few layers since the last one from their saved codes.
+CHECKPOINT_BYTES = 1 << 30
 
 
 def _hessian_error(d: torch.Tensor, h: torch.Tensor) -> float:
@@ -491,78 +561,131 @@ def gptq_model(
     device = pick_device(opts.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # reproducible, as the reference code
     torch.backends.cudnn.allow_tf32 = False
-    dtype = torch.float32
-    model = build_skeleton(ckpt, dtype)
-    parts = _parts(model)
-    loader = WeightLoader(ckpt, device, dtype)
-    n_layers = len(parts.layers)
-    batches = list(ids.split(max(1, opts.batch_size)))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    dtype = DTYPES[opts.compute_dtype]
+    session = Session(
+        ckpt,
+        ids,
+        device=device,
+        dtype=dtype,
+        batch_size=opts.batch_size,
+        place=opts.place,
+        folder=work.path / "stash" if opts.place == "disk" else None,
+        reporter=reporter,
+    )
+    try:
+        return _gptq_session(session, grids, opts, work, reporter, t0)
+    finally:
+        session.close()
+
+
+def _checkpoint_every(session: Session, opts: SequentialOptions) -> int:
+    if opts.checkpoint_every is not None:
+        return max(1, opts.checkpoint_every)
+    env = os.environ.get("QTOOL_CHECKPOINT_EVERY")
+    if env:
+        return max(1, int(env))
+    tokens = sum(int(b.numel()) for b in session.batches)
+    hidden = int(session.ckpt.config.get("hidden_size") or 0) or 1
+    nbytes = tokens * hidden * torch.tensor([], dtype=session.dtype).element_size()
+    return max(1, math.ceil(nbytes / CHECKPOINT_BYTES))
+
+
+def _gptq_session(
+    session: Session,
+    grids: dict[str, list[Grid]],
+    opts: SequentialOptions,
+    work: WorkDir,
+    reporter: Reporter,
+    t0: float,
+) -> SequentialResult:
+    n_layers = session.n_layers
     total = n_layers + 1
-    buffers_to(model, device)
     propagate = all(len(g) == 1 for g in grids.values())
     all_grids = {g.key: g for gs in grids.values() for g in gs}
-
-    reporter.stage("embeddings", 0, total, len(batches))
-    s0 = time.perf_counter()
-    hidden, layer_args = embedding_pass(model, parts, loader, batches, device, device, reporter)
-    reporter.stage_done("embeddings", time.perf_counter() - s0)
+    every = _checkpoint_every(session, opts)
+    session.embed(total)
     start = work.layers_done
     if start:
-        hidden = work.load_hidden(device)
         reporter.info(f"resuming at layer {start} of {n_layers} from {work.path}")
+        if work.hidden_at:
+            work.load_hidden(session.hidden)
+        saved = work.weights(start, all_grids)
+        for i in range(work.hidden_at, start):  # recompute from the last hidden checkpoint
+            s0 = time.perf_counter()
+            reporter.stage(f"layer {i} (recomputed)", i + 1, total, len(session.batches))
+            with session.loaded(i) as layer:
+                if propagate:
+                    _put_quantized(layer, session.prefix(i), grids, saved)
+                session.forward(layer, i)
+            reporter.stage_done(f"layer {i} (recomputed)", time.perf_counter() - s0)
 
     for i in range(start, n_layers):
         s0 = time.perf_counter()
-        layer = parts.layers[i]
-        prefix = f"{parts.layers_name}.{i}."
-        loader.load(layer, prefix)
-        try:
-            weights, reports, hidden = _quantize_layer(
-                layer,
-                prefix,
-                hidden,
-                layer_args,
-                batches,
-                grids,
-                opts,
-                device,
-                reporter,
-                i,
-                total,
-                propagate,
+        with session.loaded(i) as layer:
+            set_all_experts(layer, opts.all_experts)
+            weights, reports = _quantize_layer(
+                session, layer, i, grids, opts, reporter, total, propagate
             )
-        finally:
-            WeightLoader.unload(layer)
-        work.save_layer(i, weights, hidden, reports)
+        last = i + 1 == n_layers
+        checkpoint = not last and ((i + 1) % every == 0)
+        work.save_layer(i, weights, reports, session.hidden if checkpoint else None)
         reporter.stage_done(f"layer {i}", time.perf_counter() - s0)
 
+    device = session.device
+    peak_dev = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
     return SequentialResult(
         weights=work.weights(n_layers, all_grids),
         reports=work.reports,
         seconds=time.perf_counter() - t0,
         resumed_from=start,
         device=str(device),
+        compute_dtype=opts.compute_dtype,
+        peak_host_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_device_bytes=peak_dev,
     )
 
 
-def _quantize_layer(
+def _put_quantized(
     layer: nn.Module,
     prefix: str,
-    hidden: list[torch.Tensor],
-    layer_args: LayerArgs,
-    batches: list[torch.Tensor],
+    grids: dict[str, list[Grid]],
+    saved: dict[tuple[str, str], Callable[[], QuantizedTensor]],
+) -> None:
+    """A finished layer's linears set to their quantized values (to recompute its outputs)."""
+    for n, m in layer.named_modules():
+        full = prefix + n
+        if isinstance(m, nn.Linear) and full in grids:
+            q = saved[(full, grids[full][0].key)]()
+            m.weight.data = q.dequantize().to(m.weight.device, m.weight.dtype)
+
+
+def _exact_weight(session: Session, full: str, lin: nn.Linear) -> torch.Tensor:
+    """The linear's weight as GPTQ solves for it: the checkpoint's own values in float32 (the
+    module holds them in the compute dtype, which may have rounded them)."""
+    if session.dtype == torch.float32:
+        return lin.weight.detach().to(torch.float32)
+    return session.loader.read(full + ".weight").to(device=session.device, dtype=torch.float32)
+
+
+def _quantize_layer(
+    session: Session,
+    layer: nn.Module,
+    index: int,
     grids: dict[str, list[Grid]],
     opts: SequentialOptions,
-    device: torch.device,
     reporter: Reporter,
-    index: int,
     total: int,
     propagate: bool,
-) -> tuple[list[tuple[str, QuantizedTensor]], list[LinearReport], list[torch.Tensor]]:
+) -> tuple[list[tuple[str, QuantizedTensor]], list[LinearReport]]:
+    prefix = session.prefix(index)
+    device = session.device
+    hidden = session.hidden
+    args = session.args(index)
     all_linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
     # the linears GPTQ quantizes here; the others run as they are
     linears = {n: m for n, m in all_linears.items() if prefix + n in grids}
-    args = [layer_args[b.shape[0]][index] for b in batches]
     for n, m in linears.items():
         for grid in grids[prefix + n]:
             grid.check(prefix + n, tuple(m.weight.shape))
@@ -575,75 +698,148 @@ def _quantize_layer(
 
     def once() -> Any:
         a, k = args[0]
-        return layer(hidden[0].to(device), *a, **k)
+        return layer(hidden[0], *a, **k)
+
+    def once_every_expert() -> Any:  # discovery must see every expert called
+        all_on = any(b.all_experts for b in moe_blocks(layer))
+        set_all_experts(layer, True)
+        try:
+            return once()
+        finally:
+            set_all_experts(layer, all_on)
 
     if not linears:
-        reporter.stage(f"layer {index}", index + 1, total, len(batches))
-        passes = _LayerPasses(layer, {}, hidden, args, device, False)
-        out = passes.run(set(), None, reporter.batch)
-        assert out is not None
-        return [], [], out
+        reporter.stage(f"layer {index}", index + 1, total, len(session.batches))
+        session.forward(layer, index)
+        return [], []
 
-    plan = discover(layer, linears, once)
+    plan = discover(layer, linears, once_every_expert)
     groups = plan.groups
     sequential = opts.true_sequential and propagate
-    stages = groups if sequential else [[n for g in groups for n in g]]
+    experts = {n for n in linears if _expert_role(n)}
+    stages = _merge_expert_stages(groups) if sequential else [[n for g in groups for n in g]]
     # a tail linear's recorded input is final only if every earlier group was quantized when it
     # was recorded: true-sequential runs only
     tails = plan.tails if sequential else {}
     cache = opts.cache_outputs and propagate
-    passes = _LayerPasses(layer, linears, hidden, args, device, cache, tails)
+    passes = _LayerPasses(layer, linears, hidden, args, session.stash, cache, tails)
+    passes.optional = experts
     n_passes = len(stages) + 1
-    reporter.stage(f"layer {index}", index + 1, total, n_passes * len(batches))
+    reporter.stage(f"layer {index}", index + 1, total, n_passes * len(session.batches))
 
     quantized: set[str] = set()
     results: list[tuple[str, QuantizedTensor]] = []
     reports: list[LinearReport] = []
-    for stage in stages:
-        stage_groups = [g for g in groups if g[0] in stage]
-        accs = {
-            g[0]: HessianAccumulator(linears[g[0]].in_features, device, absmax=opts.input_absmax)
-            for g in stage_groups
-        }
-        passes.run(quantized, accs, reporter.batch)
-        for g in stage_groups:
-            acc = accs[g[0]]
-            h = acc.hessian()
-            for name in g:
-                lin = linears[name]
-                full = prefix + name
-                w = lin.weight.detach().to(torch.float32)
-                ref = _hessian_error(w, h)
-                for grid in grids[full]:
-                    r = gptq_quantize(full, w, h, grid, opts.gptq)
-                    if r.damp_used > opts.gptq.damp:
-                        reporter.warn(
-                            f"{full}: the Hessian is not positive definite at damp "
-                            f"{opts.gptq.damp:g}; dampened with {r.damp_used:g} instead"
-                        )
-                    deq = r.weight.dequantize().to(device)
-                    rtn = grid.rtn(full, w, torch.diag(h) / 2).dequantize().to(device)
-                    reports.append(
-                        LinearReport(
-                            name=full,
-                            grid=grid.key,
-                            gptq_rel_error=(_hessian_error(w - deq, h) / ref) ** 0.5
-                            if ref
-                            else 0.0,
-                            rtn_rel_error=(_hessian_error(w - rtn, h) / ref) ** 0.5 if ref else 0.0,
-                            damp=r.damp_used,
-                            input_absmax=float(acc.absmax.max())
-                            if acc.absmax is not None
-                            else None,
-                        )
+    try:
+        for stage in stages:
+            stage_groups = [g for g in groups if g[0] in stage]
+            accs = {
+                g[0]: HessianAccumulator(
+                    linears[g[0]].in_features, device, absmax=opts.input_absmax
+                )
+                for g in stage_groups
+            }
+            passes.run(quantized, accs, reporter.batch)
+            for g in stage_groups:
+                acc = accs[g[0]]
+                starved = g[0] in experts and acc.rows < MIN_EXPERT_TOKENS
+                if starved:
+                    reporter.warn(
+                        f"{prefix}{g[0].rsplit('.', 1)[0]}: {acc.rows} calibration tokens "
+                        f"reached this expert (fewer than {MIN_EXPERT_TOKENS}): {', '.join(g)} "
+                        "rounded to nearest (RTN) instead of GPTQ; more samples or "
+                        "--all-experts give it data"
                     )
-                    if propagate:
-                        lin.weight.data = deq.to(lin.weight.dtype)
-                    results.append((grid.key, r.weight))
-                quantized.add(name)
-            del acc
-    if not propagate:
-        quantized = set()  # the float weights stand: nothing is frozen by quantization
-    out = passes.run(quantized, None, reporter.batch)
-    assert out is not None
-    return results, reports, out
+                h = acc.hessian() if acc.rows else None
+                for name in g:
+                    lin = linears[name]
+                    full = prefix + name
+                    w = _exact_weight(session, full, lin)
+                    if h is None:  # no input at all: the errors are measured on nothing
+                        h = torch.zeros(w.shape[1], w.shape[1], device=w.device)
+                    ref = _hessian_error(w, h)
+                    for grid in grids[full]:
+                        if starved:
+                            r = _rtn_result(full, w, grid)
+                        else:
+                            r = gptq_quantize(full, w, h, grid, opts.gptq)
+                        if r.damp_used > opts.gptq.damp:
+                            reporter.warn(
+                                f"{full}: the Hessian is not positive definite at damp "
+                                f"{opts.gptq.damp:g}; dampened with {r.damp_used:g} instead"
+                            )
+                        deq = r.weight.dequantize().to(device)
+                        rtn = grid.rtn(full, w, torch.diag(h) / 2).dequantize().to(device)
+                        reports.append(
+                            LinearReport(
+                                name=full,
+                                grid=grid.key,
+                                gptq_rel_error=(_hessian_error(w - deq, h) / ref) ** 0.5
+                                if ref
+                                else 0.0,
+                                rtn_rel_error=(_hessian_error(w - rtn, h) / ref) ** 0.5
+                                if ref
+                                else 0.0,
+                                damp=r.damp_used,
+                                input_absmax=float(acc.absmax.max())
+                                if acc.absmax is not None
+                                else None,
+                                method="rtn" if starved else "gptq",
+                                tokens=acc.rows,
+                            )
+                        )
+                        if propagate:
+                            lin.weight.data = deq.to(lin.weight.dtype)
+                        results.append((grid.key, r.weight))
+                    quantized.add(name)
+                del acc
+        if not propagate:
+            quantized = set()  # the float weights stand: nothing is frozen by quantization
+        take_routed(layer)
+        nxt = session.stash("hidden")
+        passes.run(quantized, None, reporter.batch, out=nxt)
+        if (routed := take_routed(layer)) is not None:
+            _report_coverage(reporter, index, routed, moe_blocks(layer)[0].all_experts)
+    finally:
+        passes.close()
+    session.hidden.close()
+    session.hidden = nxt
+    return results, reports
+
+
+def _expert_role(name: str) -> str | None:
+    """``gate``/``up``/``down`` role of an MoE expert's linear (``...experts.3.w1``), else None."""
+    m = re.search(r"\.experts\.\d+\.(\w+)$", name)
+    return m.group(1) if m else None
+
+
+def _merge_expert_stages(groups: list[list[str]]) -> list[list[str]]:
+    """True-sequential stages, with the experts' groups of one role read in one pass: experts
+    do not feed one another, so expert ``e``'s gate/up (or down) inputs do not depend on expert
+    ``e'``'s quantization; one pass per role instead of one per expert."""
+    stages: list[list[str]] = []
+    last: tuple[str | None, ...] | None = None
+    for g in groups:
+        key = tuple(_expert_role(n) for n in g)
+        if stages and None not in key and key == last:
+            stages[-1].extend(g)
+        else:
+            stages.append(list(g))
+        last = key
+    return stages
+
+
+def _rtn_result(name: str, w: torch.Tensor, grid: Grid) -> GPTQResult:
+    """Round to nearest on ``grid``, shaped as a GPTQ result (no dampening)."""
+    return GPTQResult(grid.rtn(name, w, None), 0.0, 0.0)
+
+
+def _report_coverage(reporter: Reporter, index: int, routed: list[int], all_experts: bool) -> None:
+    """Tokens routed to each expert of layer ``index`` (the coverage table's row)."""
+    s = sorted(routed)
+    starved = [f"{e} ({c})" for e, c in enumerate(routed) if c < MIN_EXPERT_TOKENS]
+    (reporter.warn if starved else reporter.info)(
+        f"layer {index} experts: tokens routed min {s[0]} / median {s[len(s) // 2]} / max {s[-1]}"
+        + (f"; starved (< {MIN_EXPERT_TOKENS}): {', '.join(starved)}" if starved else "")
+        + (" [every expert saw every token]" if all_experts else "")
+    )

@@ -72,6 +72,7 @@ def test_imatrix_matches_llama_imatrix(cli, assets, tmp_path: Path) -> None:
     ours = tmp_path / "qtool.imatrix.gguf"
     r = cli(
         "calibrate", hf, "-d", text_path, "-n", CHUNKS, "-L", CTX, "--device", "cpu",
+        "--compute-dtype", "float32",  # llama-imatrix runs an F32 model in float32
         "-o", tmp_path / "stats.safetensors", "--imatrix", ours, "--json",
     )  # fmt: skip
     assert r.exit_code == 0, r.stderr[-3000:]

@@ -18,6 +18,7 @@ import pytest
 
 import qtool.evaluate.runner as runner
 import qtool.evaluate.state as state
+from qtool import interrupt
 
 DATA = "canterbury:alice29.txt"
 FAST = ("--dataset", DATA, "--ctx", "64", "--chunks", "6", "--threads", "1")
@@ -73,11 +74,12 @@ def _interrupt_at(monkeypatch, call: int) -> None:
 
     def update(*a, **k):
         seen["n"] += 1
-        if seen["n"] == call:
-            raise KeyboardInterrupt
+        if seen["n"] == call:  # as qtool's SIGINT handler does: the flag set, then raised
+            interrupt._on_sigint(signal.SIGINT, None)
         return real(*a, **k)
 
     monkeypatch.setattr(runner, "update_compare", update)
+    monkeypatch.setattr(interrupt, "_interrupted", False)  # cleared again by undo
     monkeypatch.setattr(state, "CHECKPOINT_SECONDS", 1e9)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import qtool.formats.gguf as ge
+from qtool import interrupt
 from tests.export.helpers import build_tiny
 
 TP = ("--tokenizer-pre", "smollm")  # the tiny model's cut tokenizer
@@ -60,16 +61,18 @@ def _one_line(r, code: int, *needles: str) -> str:
 
 
 def _interrupt_after(monkeypatch, calls: int) -> None:
-    """Ctrl-C inside the encoder at its ``calls``-th call (one call a tensor here)."""
+    """Ctrl-C inside the encoder at its ``calls``-th call (one call a tensor here), as qtool's
+    SIGINT handler delivers it: the interrupted flag set (cleared by ``monkeypatch.undo``)."""
     real, seen = ge.encode, {"n": 0}
 
     def encode(*a, **k):
         seen["n"] += 1
         if seen["n"] == calls:
-            raise KeyboardInterrupt
+            interrupt._on_sigint(signal.SIGINT, None)
         return real(*a, **k)
 
     monkeypatch.setattr(ge, "encode", encode)
+    monkeypatch.setattr(interrupt, "_interrupted", False)
     monkeypatch.setattr(ge, "CHECKPOINT_BYTES", 1 << 40)  # only the checkpoint Ctrl-C writes
 
 
@@ -150,19 +153,29 @@ def test_killed_export_resumes_to_the_same_bytes(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no checkpoint left
 
 
-def test_ctrl_c_keeps_a_checkpoint(cli, tiny: Path, reference: bytes, tmp_path, monkeypatch):
-    """Ctrl-C checkpoints the tensors complete so far (nothing at the output path) and says
-    how to continue; a resumed run interrupted again continues once more; the API continues
-    it; a completed run leaves no state."""
+def test_ctrl_c_without_resume_leaves_nothing(cli, tiny: Path, tmp_path, monkeypatch) -> None:
+    _interrupt_after(monkeypatch, 6)
+    r = cli("export", tiny, *ARGS, "-o", tmp_path / "m.gguf")
+    assert r.exit_code == 130 and r.stderr.strip().splitlines()[-1] == "error: interrupted"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_with_resume_keeps_a_checkpoint(
+    cli, tiny: Path, reference: bytes, tmp_path, monkeypatch
+) -> None:
+    """With --resume, Ctrl-C checkpoints the tensors complete so far (nothing at the output
+    path) and says so; the same command continues, and continues again when interrupted
+    again; the API continues it; a completed run leaves no state."""
     from qtool import api
 
     out = tmp_path / "m.gguf"
     _interrupt_after(monkeypatch, 6)
-    r = cli("export", tiny, *ARGS, "-o", out)
+    r = cli("export", tiny, *ARGS, "-o", out, "--resume")
     assert r.exit_code == 130 and r.stderr.strip().splitlines()[-1] == "error: interrupted"
-    assert "5 of 21 tensors kept in" in r.stderr and "continue with --resume" in r.stderr
+    assert "5 of 21 tensors kept in" in r.stderr and "the same command continues" in r.stderr
     assert not out.exists() and _state(out)["tensors_done"] == 5
     monkeypatch.undo()
+    _one_line(cli("export", tiny, *ARGS, "-o", out), 2, "interrupted", "--resume")
     _interrupt_after(monkeypatch, 8)  # the check of tensor 5, then tensors 6 to 11
     assert cli("export", tiny, *ARGS, "-o", out, "--resume").exit_code == 130
     assert not out.exists() and _state(out)["tensors_done"] == 11
@@ -185,7 +198,7 @@ def test_ctrl_c_keeps_a_checkpoint(cli, tiny: Path, reference: bytes, tmp_path, 
 
 def test_ctrl_c_in_the_first_tensor_leaves_nothing(cli, tiny: Path, tmp_path, monkeypatch):
     _interrupt_after(monkeypatch, 1)
-    r = cli("export", tiny, *ARGS, "-o", tmp_path / "m.gguf")
+    r = cli("export", tiny, *ARGS, "-o", tmp_path / "m.gguf", "--resume")
     assert r.exit_code == 130 and r.stderr.strip().splitlines()[-1] == "error: interrupted"
     assert list(tmp_path.iterdir()) == []
 
@@ -230,8 +243,8 @@ def test_quantize_gguf_output_resumes(cli, tiny: Path, tmp_path, monkeypatch) ->
     out = tmp_path / "m.gguf"
     folder = ge.partial_path(out)
     _interrupt_after(monkeypatch, 7)
-    r = cli(*q, "-o", out)
-    assert r.exit_code == 130 and f"continue with --resume {folder}" in r.stderr
+    r = cli(*q, "-o", out, "--resume", folder)
+    assert r.exit_code == 130 and "6 of 21 tensors kept" in r.stderr
     monkeypatch.undo()
     _one_line(cli(*q, "-o", out), 2, "interrupted", f"--resume {folder}")
     _one_line(cli(*q, "-o", out, "--resume", tmp_path / "x"), 2, "no GPTQ stage", folder.name)
@@ -262,8 +275,7 @@ def test_gptq_gguf_output_resumes(cli, tiny: Path, tmp_path, monkeypatch) -> Non
     out = tmp_path / "m.gguf"
     work = tmp_path / "m.gguf.qtool-gptq"
     _interrupt_after(monkeypatch, 6)  # the tensors GPTQ did not take go through the encoder
-    r = cli(*q, "-o", out)
-    assert r.exit_code == 130 and f"continue with --resume {work}" in r.stderr
+    assert cli(*q, "-o", out, "--resume", work).exit_code == 130
     monkeypatch.undo()
     assert work.is_dir() and _state(out)["tensors_done"] >= 5
     _one_line(cli(*q, "-o", out), 2, "interrupted", f"--resume {work}")

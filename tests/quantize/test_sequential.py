@@ -157,8 +157,12 @@ def _sha(path: Path) -> str:
     return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
 
 
-def test_killed_run_resumes_to_the_same_bytes(deep_tok: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+@pytest.mark.parametrize("every", [1, 3])
+def test_killed_run_resumes_to_the_same_bytes(deep_tok: Path, tmp_path: Path, every: int) -> None:
+    """Killed after 3+ layers, resumed, identical bytes. ``every``: layers between hidden-state
+    checkpoints (3: the resumed run recomputes the layers since the last one from their codes,
+    as a big model's run does)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "QTOOL_CHECKPOINT_EVERY": str(every)}
     full = tmp_path / "full"
     subprocess.run(_cmd(deep_tok, full), check=True, env=env, capture_output=True)
 
@@ -177,20 +181,26 @@ def test_killed_run_resumes_to_the_same_bytes(deep_tok: Path, tmp_path: Path) ->
             done = json.loads((work / STATE).read_text())["layers_done"]
         except (OSError, ValueError, KeyError):
             done = 0
-        if done >= 3:
+        if done >= (4 if every == 3 else 3):  # every=3: past the checkpoint at layer 3
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not out.exists()
-    assert 3 <= json.loads((work / STATE).read_text())["layers_done"] < 8
+    state = json.loads((work / STATE).read_text())
+    assert 3 <= state["layers_done"] < 8
+    assert state["hidden_at"] == (
+        3 if every == 3 and state["layers_done"] < 6 else state["hidden_at"]
+    )
 
     r = subprocess.run(
         _cmd(deep_tok, out, "--resume", str(work)), env=env, capture_output=True, text=True
     )
     assert r.returncode == 0, r.stderr
     assert "resuming at layer" in r.stderr
+    if every == 3 and state["layers_done"] % 3:
+        assert "(recomputed)" in r.stderr or "recomputed" in r.stderr
     assert _sha(out) == _sha(full)
     assert not work.exists()  # removed once the output is complete
 

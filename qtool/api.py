@@ -166,6 +166,7 @@ def calibrate(
     revision: str | None = None,
     top: int = 10,
     outlier_factor: float = 20.0,
+    resume: str | Path | None = None,
     reporter: Reporter | None = None,
     on_event: OnEvent | None = None,
 ) -> CalibrateResult:
@@ -200,6 +201,7 @@ def calibrate(
         top=top,
         outlier_factor=outlier_factor,
         reporter=as_reporter(reporter, on_event),
+        resume=Path(resume).expanduser() if resume is not None else None,
     )
     return CalibrateResult(data, stats)
 
@@ -413,13 +415,15 @@ def export(
     pure: bool = False,
     tokenizer_pre: str | None = None,
     resume: bool = False,
+    strict: bool = False,
     revision: str | None = None,
     allow_pickle: bool = False,
     reporter: Reporter | None = None,
     on_event: OnEvent | None = None,
 ) -> QuantizeResult:
     """Convert ``src`` to GGUF (any type or llama-quantize preset, round-to-nearest) or to a
-    dense HF safetensors folder (``format="safetensors"``, e.g. from a GGUF file).
+    dense HF safetensors folder (``format="safetensors"``, e.g. from a GGUF file). A GGUF's
+    tokenizer is checked against the source's (``strict``: a difference is an error).
 
     ``resume``: continue the interrupted GGUF export of this output from its checkpoint
     (``OUT.qtool-partial``, left by a kill, a power loss, or Ctrl-C of a run given ``resume``),
@@ -460,7 +464,9 @@ def export(
         out = {"format": "safetensors", "dtype": dtype}
     else:
         raise BadInputError(f"--format {format!r}: export writes gguf or safetensors")
-    recipe = rc.parse({"stages": [], "outputs": [out]}, where="export")
+    recipe = rc.parse(
+        {"stages": [], "outputs": [out], **({"strict": True} if strict else {})}, where="export"
+    )
     return _run(
         src,
         recipe,

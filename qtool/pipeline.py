@@ -909,6 +909,7 @@ def _write_gguf(
         resume_hint=opts.resume_hint or f"--resume {partial_path(o.path)}",
     )
     params = sum(int(np.prod(e.shape)) for e in o.gguf.entries if not e.name.startswith("rope_"))
+    tokens = _check_tokenizer(ctx, o.path, reporter)
     from qtool.formats.folder import _footprint
 
     return {
@@ -923,8 +924,44 @@ def _write_gguf(
         "types": o.gguf.type_counts(),
         "methods": _method_counts(o),
         "vocab": o.gguf.vocab,
+        "tokenizer_check": tokens,
         "tensors": [e.as_dict() for e in o.entries],
     }
+
+
+def _check_tokenizer(ctx: Context, path: Path, reporter: Reporter) -> dict[str, Any] | None:
+    """Tokenizer fidelity (:mod:`qtool.formats.tokcheck`): a difference is a warning, an error
+    with ``strict`` (the output is then removed). A GGUF source's vocabulary is copied as is:
+    nothing to check."""
+    from qtool.formats.tokcheck import check_tokenizer
+
+    src = ctx.plan.source
+    if src.format == "gguf":
+        return None
+    strict = ctx.plan.recipe.strict
+    res = check_tokenizer(path, src.root)
+    if not res.ran:
+        msg = f"tokenizer check not run: {res.reason}"
+        if strict:
+            path.unlink(missing_ok=True)
+            raise BadInputError(f"--strict: {msg}", hint="pip install llama-cpp-python")
+        reporter.info(msg)
+        return res.as_dict()
+    if res.differ:
+        ex = res.differ[0]
+        msg = (
+            f"{path}: llama.cpp tokenizes {len(res.differ)} of {res.strings} test strings "
+            f"differently from the source's tokenizer (e.g. {ex['text'][:40]!r} at token "
+            f"{ex['first_difference']}: {ex['llama.cpp']} vs {ex['transformers']})"
+        )
+        hint = "check --tokenizer-pre (llama.cpp's pre-tokenizer name) and the tokenizer files"
+        if strict:
+            path.unlink(missing_ok=True)
+            raise BadInputError(msg + "; output removed", hint=hint)
+        reporter.warn(f"{msg}; {hint}")
+    else:
+        reporter.info(f"tokenizer check: llama.cpp and transformers agree on {res.strings} strings")
+    return res.as_dict()
 
 
 def _method_counts(o: OutputPlan) -> dict[str, int]:

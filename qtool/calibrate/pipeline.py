@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from qtool.events import SILENT, Reporter
 from qtool.models.spec import ModelSpec
 from qtool.runner.layers import (
     COMPUTE_DTYPES,
+    CalibrationWork,
     calibrate_layerwise,
     dtype_name,
     pick_device,
@@ -168,9 +170,14 @@ def _has_tokenizer(root: Path) -> bool:
 
 
 def calibrate(
-    prep: Prepared, opts: CalibrateOptions, *, progress: Reporter | None = None
+    prep: Prepared,
+    opts: CalibrateOptions,
+    *,
+    progress: Reporter | None = None,
+    work: CalibrationWork | None = None,
 ) -> CalibrationStats:
-    """Run the model layer by layer on the prepared samples and gather the statistics."""
+    """Run the model layer by layer on the prepared samples and gather the statistics
+    (``work``: the resume folder; see :class:`~qtool.runner.layers.CalibrationWork`)."""
     device = pick_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     mem = memory_plan(prep.ckpt, prep.samples.ids, opts, device, dtype, gptq=False)
@@ -188,6 +195,8 @@ def calibrate(
         progress=progress,
         all_experts=opts.all_experts,
         place=mem.placement,
+        folder=None if work is None else work.path / "stash",
+        work=work,
     )
     sample_names, sample = sample_weights(prep.ckpt)
     spec = prep.spec
@@ -216,6 +225,26 @@ def calibrate(
     cal = CalibrationStats(meta, result.stats, sample, None, gguf_names)
     cal.seconds = result.seconds
     return cal
+
+
+def calibration_identity(prep: Prepared, opts: CalibrateOptions) -> dict[str, Any]:
+    """What makes two calibrations the same run (a resume folder of another is refused)."""
+    ids = prep.samples.ids
+    return {
+        "model": model_identity(prep.ckpt),
+        "samples": {
+            "shape": list(ids.shape),
+            "tokens_sha256": prep.dataset["tokens_sha256"],
+        },
+        "options": {
+            "batch_size": opts.batch_size,
+            "dtype": dtype_name(resolve_dtype(opts.dtype, pick_device(opts.device))),
+            "hessian": opts.hessian,
+            "lm_head": opts.lm_head,
+            "all_experts": opts.all_experts,
+        },
+        "qtool_version": __version__,
+    }
 
 
 def moe_meta(ckpt: Checkpoint, routed: dict[int, list[int]], all_experts: bool) -> dict[str, Any]:
@@ -303,9 +332,12 @@ def run_calibrate(
     top: int = 10,
     outlier_factor: float = 20.0,
     reporter: Reporter = SILENT,
+    resume: Path | None = None,
 ) -> tuple[dict[str, Any], CalibrationStats]:
     """``qtool calibrate``: samples, statistics, the stats file (``output``, default
-    ``./MODEL.calib.safetensors``) and the imatrix (``imatrix``), both written or neither."""
+    ``./MODEL.calib.safetensors``) and the imatrix (``imatrix``), both written or neither.
+    Per-layer results and hidden-state checkpoints go to a work folder beside the stats file
+    (``STATS.qtool-calibrate``), removed on success; ``resume`` continues the run it holds."""
     from qtool.calibrate.imatrix import save_imatrix
     from qtool.calibrate.stats import outlier_rows
     from qtool.calibrate.statsfile import save_stats
@@ -339,7 +371,19 @@ def run_calibrate(
         f"{d['spec']} ({d['stream_tokens']:,} tokens, {d['windows_available']} windows; "
         f"tokens sha256 {d['tokens_sha256'][:16]})"
     )
-    cal = calibrate(prep, opts, progress=reporter)
+    work_path = resume or stats_path.with_name(stats_path.name + ".qtool-calibrate")
+    work = CalibrationWork.open(
+        work_path, calibration_identity(prep, opts), resume=resume is not None
+    )
+    if resume is None:
+        reporter.info(f"checkpoints in {work_path}; if interrupted: --resume {work_path}")
+    fresh = work.layers_done == 0
+    try:
+        cal = calibrate(prep, opts, progress=reporter, work=work)
+    except BadInputError:
+        if fresh:  # bad input fails the same way again: nothing worth resuming
+            shutil.rmtree(work_path, ignore_errors=True)
+        raise
     for r in coverage(cal.meta["moe"])["layers"] if cal.meta.get("moe") else []:
         if r["starved"]:
             reporter.warn(
@@ -355,6 +399,7 @@ def run_calibrate(
         except BaseException:
             stats_path.unlink(missing_ok=True)  # both outputs or neither
             raise
+    shutil.rmtree(work_path, ignore_errors=True)
     reporter.info(f"wrote {stats_path}" + (f" and {imatrix}" if imatrix else ""))
     rows = outlier_rows(cal.layers.values(), factor=outlier_factor, top=top)
     data: dict[str, Any] = {

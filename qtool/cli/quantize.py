@@ -60,7 +60,12 @@ TokenizerPre = Annotated[
     typer.Option("--tokenizer-pre", help="llama.cpp pre-tokenizer name, if it is not recognised."),
 ]
 Strict = Annotated[
-    bool, typer.Option("--strict", help="A pattern that matches no tensor is an error.")
+    bool,
+    typer.Option(
+        "--strict",
+        help="Errors, not warnings: a pattern that matches no tensor; a GGUF whose tokenizer "
+        "(llama.cpp's, from the file) splits the test strings unlike the source's.",
+    ),
 ]
 
 
@@ -151,11 +156,19 @@ def quantize_cmd(
         int | None, typer.Option("--block-size", help="GPTQ: columns per lazy update.")
     ] = None,
     act_order: Annotated[
-        bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ: desc_act.")
+        bool | None,
+        typer.Option(
+            "--act-order/--no-act-order",
+            help="GPTQ: columns by decreasing Hessian diagonal (desc_act). Default: on.",
+        ),
     ] = None,
     static_groups: Annotated[
-        bool, typer.Option("--static-groups", help="GPTQ: group scales fixed before act-order.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--static-groups/--no-static-groups",
+            help="GPTQ: group scales fitted before the pass. Default: as --act-order.",
+        ),
+    ] = None,
     true_sequential: Annotated[
         bool | None,
         typer.Option(
@@ -257,7 +270,7 @@ def quantize_cmd(
         "damp": damp,
         "block_size": block_size,
         "act_order": act_order,
-        "static_groups": static_groups or None,
+        "static_groups": static_groups,
         "true_sequential": true_sequential,
         "imatrix": imatrix,
         "tensor_type": tensor_type or None,

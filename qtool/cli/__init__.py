@@ -17,5 +17,8 @@ def main(argv: list[str] | None = None) -> None:
         run(argv)
         interrupt.check()  # an interrupt swallowed where it could not propagate
     except KeyboardInterrupt:
+        # a second Ctrl-C (or a swallowed one delivered again) must not cut this line short
+        # or end the process by the signal instead of the exit code
+        interrupt.ignore()
         sys.stderr.write("error: interrupted\n")
         sys.exit(130)

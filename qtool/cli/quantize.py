@@ -60,7 +60,12 @@ TokenizerPre = Annotated[
     typer.Option("--tokenizer-pre", help="llama.cpp pre-tokenizer name, if it is not recognised."),
 ]
 Strict = Annotated[
-    bool, typer.Option("--strict", help="A pattern that matches no tensor is an error.")
+    bool,
+    typer.Option(
+        "--strict",
+        help="Errors, not warnings: a pattern that matches no tensor; a GGUF whose tokenizer "
+        "(llama.cpp's, from the file) splits the test strings unlike the source's.",
+    ),
 ]
 
 
@@ -173,7 +178,13 @@ def quantize_cmd(
     ] = None,
     resume: Annotated[
         Path | None,
-        typer.Option("--resume", help="GPTQ: continue the interrupted run kept in this folder."),
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted run (killed, power loss, or Ctrl-C of a run given "
+            "--resume) to the bytes an uninterrupted one writes: GPTQ's checkpoint folder "
+            "(OUTPUT.qtool-gptq by default); without GPTQ, the OUT.qtool-partial folder a GGUF "
+            "output left. GGUF outputs continue their partial files too.",
+        ),
     ] = None,
     device: Annotated[
         str, typer.Option("--device", help="auto (GPU if present), cpu, cuda:N.")

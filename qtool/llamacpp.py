@@ -9,6 +9,8 @@ buffer types off there; results are the same, the plain CPU kernels compute them
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,7 +56,8 @@ def quiet_stderr() -> Iterator[None]:
         yield
         return
     try:
-        with open(os.devnull, "wb") as null:
+        # llama-cpp-python's log callback prints through sys.stderr, which need not be fd 2
+        with open(os.devnull, "wb") as null, contextlib.redirect_stderr(io.StringIO()):
             os.dup2(null.fileno(), 2)
             yield
     finally:

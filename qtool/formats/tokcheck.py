@@ -84,7 +84,7 @@ def check_tokenizer(gguf_path: Path, hf_folder: Path) -> TokenizerCheck:
         return TokenizerCheck(False, reason="llama-cpp-python is not installed")
     from transformers import AutoTokenizer
 
-    from qtool.llamacpp import open_llama
+    from qtool.llamacpp import open_llama, quiet_stderr
 
     try:
         tok = AutoTokenizer.from_pretrained(str(hf_folder), trust_remote_code=False)
@@ -96,7 +96,8 @@ def check_tokenizer(gguf_path: Path, hf_folder: Path) -> TokenizerCheck:
         res = TokenizerCheck(True, strings=len(strings))
         for s in strings:
             want = list(tok.encode(s, add_special_tokens=False))
-            got = list(llm.tokenize(s.encode("utf-8"), add_bos=False, special=True))
+            with quiet_stderr():
+                got = list(llm.tokenize(s.encode("utf-8"), add_bos=False, special=True))
             if got != want:
                 k = next(
                     (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None
@@ -112,4 +113,5 @@ def check_tokenizer(gguf_path: Path, hf_folder: Path) -> TokenizerCheck:
                 )
         return res
     finally:
-        llm.close()
+        with quiet_stderr():
+            llm.close()

@@ -306,19 +306,31 @@ def run_calibrate(
 ) -> tuple[dict[str, Any], CalibrationStats]:
     """``qtool calibrate``: samples, statistics, the stats file (``output``, default
     ``./MODEL.calib.safetensors``) and the imatrix (``imatrix``), both written or neither."""
+    from dataclasses import asdict
+
     from qtool.calibrate.imatrix import save_imatrix
     from qtool.calibrate.stats import outlier_rows
     from qtool.calibrate.statsfile import save_stats
     from qtool.io import check_writable
+    from qtool.runner import dist
 
-    stats_path = output or Path(f"{_stem(src)}.calib.safetensors")
-    check_writable(stats_path)
-    if imatrix is not None:
-        check_writable(imatrix)
-        if imatrix.expanduser().resolve() == stats_path.expanduser().resolve():
-            raise BadInputError(f"--imatrix {imatrix}: the same path as the stats file")
     if top < 0 or outlier_factor <= 1:
         raise BadInputError("--top must be >= 0 and --outlier-factor > 1")
+    stats_path = output or Path(f"{_stem(src)}.calib.safetensors")
+    world = dist.world()  # torchrun: every rank runs this; rank 0 alone writes
+    world.agree(
+        dist.software()
+        | {"the options": {**asdict(opts), "imatrix_output": imatrix_output, "src": src}}
+    )
+
+    def writable() -> None:
+        check_writable(stats_path)
+        if imatrix is not None:
+            check_writable(imatrix)
+            if imatrix.expanduser().resolve() == stats_path.expanduser().resolve():
+                raise BadInputError(f"--imatrix {imatrix}: the same path as the stats file")
+
+    world.on_main(writable)
     t0 = time.perf_counter()
     prep = prepare(src, opts, revision=revision)
     for note in prep.notes:
@@ -348,14 +360,15 @@ def run_calibrate(
                 f"{r['starved'][0][1]}); more samples or --all-experts give them data"
             )
     im = imatrix_of(cal, include_output=imatrix_output) if imatrix is not None else None
-    save_stats(stats_path, cal)
-    if im is not None and imatrix is not None:
-        try:
-            save_imatrix(imatrix, im)
-        except BaseException:
-            stats_path.unlink(missing_ok=True)  # both outputs or neither
-            raise
-    reporter.info(f"wrote {stats_path}" + (f" and {imatrix}" if imatrix else ""))
+    if world.is_main:
+        save_stats(stats_path, cal)
+        if im is not None and imatrix is not None:
+            try:
+                save_imatrix(imatrix, im)
+            except BaseException:
+                stats_path.unlink(missing_ok=True)  # both outputs or neither
+                raise
+        reporter.info(f"wrote {stats_path}" + (f" and {imatrix}" if imatrix else ""))
     rows = outlier_rows(cal.layers.values(), factor=outlier_factor, top=top)
     data: dict[str, Any] = {
         "model": prep.ckpt.source,
@@ -368,6 +381,7 @@ def run_calibrate(
         "device": cal.meta["device"],
         "dtype": cal.meta["dtype"],
         "seconds": round(time.perf_counter() - t0, 2),
+        **({"processes": world.size} if world.active else {}),
         "outlier_factor": outlier_factor,
         "outliers": rows,
         **({"experts": coverage(cal.meta["moe"])} if cal.meta.get("moe") else {}),

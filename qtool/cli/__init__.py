@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> None:
 
         run(argv)
         interrupt.check()  # an interrupt swallowed where it could not propagate
-    except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted\n")
+    except KeyboardInterrupt as e:
+        from qtool.cli.launch import worker_failed
+
+        if worker_failed(e, "interrupted", 130):
+            sys.stderr.write("error: interrupted\n")
         sys.exit(130)

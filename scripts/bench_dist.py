@@ -68,16 +68,25 @@ def main() -> None:
     env.pop("OMP_NUM_THREADS", None)  # one process: every core; --nproc: cores / N each
     qtool = [sys.executable, "-m", "qtool"]
     data = ["-d", "canterbury", "-n", str(a.samples), "-L", str(a.seq_len)]
+    gptq = ["--method", "gptq", "--bits", "4", "-g", "64", "--format", "compressed-tensors"]
+    fp32 = ["--compute-dtype", "float32"]
     commands = {
         "gptq": lambda out: (
-            ["quantize", str(model), "--method", "gptq", "--bits", "4", "-g", "128",
-             "--format", "compressed-tensors", "--compute-dtype", "float32", *data,
-             "-o", str(out / "w4")],  # fmt: skip
+            ["quantize", str(model), *gptq, *fp32, *data, "-o", str(out / "w4")],
             [out / "w4" / "model.safetensors"],
         ),
         "calibrate": lambda out: (
-            ["calibrate", str(model), *data, "--hessian", "--compute-dtype", "float32",
-             "-o", str(out / "stats.safetensors"), "--imatrix", str(out / "imatrix.gguf")],  # fmt: skip
+            [
+                "calibrate",
+                str(model),
+                *data,
+                "--hessian",
+                *fp32,
+                "-o",
+                str(out / "stats.safetensors"),
+                "--imatrix",
+                str(out / "imatrix.gguf"),
+            ],  # fmt: skip
             [out / "stats.safetensors", out / "imatrix.gguf"],
         ),
     }

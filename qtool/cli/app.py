@@ -102,6 +102,7 @@ def run(argv: list[str] | None = None) -> None:
     launch.ARGV = list(args)
     launch.worker_setup()
     try:
+        launch.check_command(args)
         code = app(args=args, standalone_mode=False, prog_name="qtool")
         _shutdown()
         if code == 130:  # Typer turns Ctrl-C (after our cleanup ran) into a return value

@@ -49,6 +49,24 @@ def worker_setup() -> None:
         os.close(devnull)
 
 
+DISTRIBUTED = ("quantize", "calibrate")  # the commands that run as several processes
+
+
+def check_command(argv: list[str]) -> None:
+    """Under torchrun, only the commands that share their work run (the others would do it
+    once per rank, each writing the same output)."""
+    if not ranks.launched():
+        return
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command is not None and command not in DISTRIBUTED:
+        from qtool.errors import BadInputError
+
+        raise BadInputError(
+            f"qtool {command} does not run as several processes",
+            hint="run it without torchrun (quantize and calibrate take --nproc)",
+        )
+
+
 def worker_failed(exc: BaseException, message: str, code: int) -> bool:
     """Record a worker's failure for torchrun (its error file); whether to print the line
     (rank 0 under plain torchrun; nobody under ``--nproc``, whose launcher prints it)."""

@@ -339,7 +339,7 @@ def test_ranks_that_disagree_are_refused(tok2: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.qtool-gptq").exists()
 
 
-def test_nproc_refused_inside_torchrun(cli, tok2: Path, monkeypatch) -> None:
+def test_nproc_and_other_commands_refused_inside_torchrun(cli, tok2: Path, monkeypatch) -> None:
     import signal
 
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -347,9 +347,11 @@ def test_nproc_refused_inside_torchrun(cli, tok2: Path, monkeypatch) -> None:
     old = signal.getsignal(signal.SIGTERM)
     try:
         r = cli("calibrate", tok2, "--nproc", "2")
+        r2 = cli("export", tok2, "--outtype", "F16", "-o", tok2.parent / "x.gguf")
     finally:
         signal.signal(signal.SIGTERM, old)
     assert r.exit_code == 2 and "--nproc inside torchrun" in r.stderr
+    assert r2.exit_code == 2 and "export does not run as several processes" in r2.stderr
 
 
 @pytest.mark.gpu

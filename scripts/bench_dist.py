@@ -1,10 +1,12 @@
 """``--nproc N`` against one process on the CPU: the speed-up of N gloo processes, and whether
 their outputs are byte-identical to the single-process run's.
 
-Two commands on SmolLM2-135M (the offline assets), each run twice in the same session: once as
-one process (torch's default threads: every core) and once with ``--nproc N`` (N processes of
-``cores / N`` threads each: the same cores). ``qtool quantize --method gptq`` writes a
-compressed-tensors folder; ``qtool calibrate --hessian`` writes a stats file and an imatrix.
+Two commands on SmolLM2-135M (the offline assets), each run three times in the same session: as
+one process (torch's default threads: every core), with ``--nproc N`` (N processes of
+``cores / N`` threads each: the same cores), and as one process of ``cores / N`` threads (what
+one worker has: the speed-up that is not the threads' own overhead). ``qtool quantize
+--method gptq`` writes a compressed-tensors folder; ``qtool calibrate --hessian`` writes a
+stats file and an imatrix.
 Wall times include process start-up (each run is a fresh command, as a user runs it). JSON on
 stdout (or ``--out``) with the ratios of the same run.
 
@@ -100,6 +102,7 @@ def main() -> None:
         "runs": {},
     }
     runs: dict[str, object] = {}
+    per = max(1, (os.cpu_count() or 1) // a.nproc)
     for name, make in commands.items():
         if a.only and name != a.only:
             continue
@@ -109,14 +112,20 @@ def main() -> None:
             many.mkdir()
             args1, files1 = make(one)
             argsn, filesn = make(many)
+            few = Path(tmp) / "few"
+            few.mkdir()
+            argsf, filesf = make(few)
             t1 = timed(qtool + args1, env)
             tn = timed(qtool + argsn + ["--nproc", str(a.nproc)], env)
-            d1, dn = digest(files1), digest(filesn)
+            tf = timed(qtool + argsf, {**env, "OMP_NUM_THREADS": str(per)})
+            d1, dn, df = digest(files1), digest(filesn), digest(filesf)
             runs[name] = {
                 "one_process_s": round(t1, 2),
                 f"{a.nproc}_processes_s": round(tn, 2),
                 "speedup": round(t1 / tn, 3),
-                "identical_output": d1 == dn,
+                f"one_process_{per}_threads_s": round(tf, 2),
+                f"speedup_vs_one_process_{per}_threads": round(tf / tn, 3),
+                "identical_output": d1 == dn == df,
                 "sha256": d1,
             }
             print(f"{name}: {runs[name]}", file=sys.stderr)

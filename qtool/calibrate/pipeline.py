@@ -320,7 +320,7 @@ def run_calibrate(
     world = dist.world()  # torchrun: every rank runs this; rank 0 alone writes
     world.agree(
         dist.software()
-        | {"the options": {**asdict(opts), "imatrix_output": imatrix_output, "src": src}}
+        | {"the options": {**asdict(opts), "imatrix_output": imatrix_output}}
     )
 
     def writable() -> None:

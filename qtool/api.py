@@ -166,6 +166,7 @@ def calibrate(
     revision: str | None = None,
     top: int = 10,
     outlier_factor: float = 20.0,
+    resume: str | Path | None = None,
     reporter: Reporter | None = None,
     on_event: OnEvent | None = None,
 ) -> CalibrateResult:
@@ -200,6 +201,7 @@ def calibrate(
         top=top,
         outlier_factor=outlier_factor,
         reporter=as_reporter(reporter, on_event),
+        resume=Path(resume).expanduser() if resume is not None else None,
     )
     return CalibrateResult(data, stats)
 
@@ -215,7 +217,7 @@ def quantize(
     *,
     output: str | Path | Sequence[str | Path] | None = None,
     dry_run: bool = False,
-    resume: str | Path | None = None,
+    resume: str | Path | bool | None = None,
     device: str = "auto",
     max_memory: str | int | None = None,
     max_gpu_memory: str | int | None = None,
@@ -232,44 +234,146 @@ def quantize(
     keyword ``options`` describe (the CLI's flags with underscores: ``method="gptq", bits=4,
     dataset="canterbury"``...). ``output``: the output path (one output) or paths (one per
     recipe output; a recipe output's own ``path`` is used when this is not given).
+
+    ``resume``: continue an interrupted run (a kill, a power loss, or Ctrl-C of a run given
+    ``resume``) to the bytes an uninterrupted one writes. ``True``: its checkpoints where they
+    are kept by default (GPTQ's ``OUTPUT.qtool-gptq`` folder, each GGUF output's
+    ``OUT.qtool-partial``); a path: GPTQ's folder, or for a run without GPTQ one of its GGUF
+    outputs' ``OUT.qtool-partial``. A checkpoint of another run is refused; without
+    ``resume`` any checkpoint left beside an output is refused (nothing is replaced).
     ``max_memory`` / ``max_gpu_memory`` (bytes, or "16GiB"): the budgets the memory plan fits
     the calibration caches into (host memory, then disk), refused up front when nothing fits."""
     from qtool import recipe as rc
-    from qtool.checkpoint import open_checkpoint
-    from qtool.errors import BadInputError
-    from qtool.pipeline import RunOptions, run
-    from qtool.runner.memory import parse_bytes
 
     single = output if isinstance(output, (str, Path)) or output is None else None
     if recipe is None:
         r = rc.from_options(str(single) if single is not None else None, **options)
     else:
         if options:
+            from qtool.errors import BadInputError
+
             raise BadInputError(
                 f"{rc.FLAGS.get(next(iter(options)), next(iter(options)))}: the recipe sets the "
                 "quantization",
                 hint="edit the recipe instead, or pass options without a recipe",
             )
         r = load_recipe(recipe)
-    paths = _paths(r, output)
-    ckpt = open_checkpoint(src, revision=revision, allow_pickle=allow_pickle)
-    data = run(
-        ckpt,
+    return _run(
+        src,
         r,
-        paths,
-        RunOptions(
-            dry_run=dry_run,
-            resume=Path(resume).expanduser() if resume is not None else None,
-            device=device,
-            max_memory=parse_bytes(max_memory),
-            max_gpu_memory=parse_bytes(max_gpu_memory, "--max-gpu-memory"),
-            measure_dataset=eval_dataset,
-            measure_ctx=eval_ctx,
-            measure_chunks=eval_chunks,
-        ),
-        as_reporter(reporter, on_event),
+        output,
+        dry_run=dry_run,
+        resume=resume,
+        device=device,
+        max_memory=max_memory,
+        max_gpu_memory=max_gpu_memory,
+        eval_dataset=eval_dataset,
+        eval_ctx=eval_ctx,
+        eval_chunks=eval_chunks,
+        revision=revision,
+        allow_pickle=allow_pickle,
+        reporter=reporter,
+        on_event=on_event,
     )
+
+
+def _run(
+    src: str,
+    r: Recipe,
+    output: str | Path | Sequence[str | Path] | None,
+    *,
+    dry_run: bool,
+    resume: str | Path | bool | None,
+    device: str = "auto",
+    max_memory: str | int | None = None,
+    max_gpu_memory: str | int | None = None,
+    eval_dataset: str | None = None,
+    eval_ctx: int = 256,
+    eval_chunks: int = 8,
+    revision: str | None,
+    allow_pickle: bool,
+    reporter: Reporter | None,
+    on_event: OnEvent | None,
+    export: bool = False,
+) -> QuantizeResult:
+    from qtool.checkpoint import open_checkpoint
+    from qtool.pipeline import RunOptions, resolve_compute_dtype, run
+    from qtool.runner.memory import parse_bytes
+
+    paths = _paths(r, output)
+    resuming = resume is not None and resume is not False
+    gptq_dir, hint = _resume_target(r, paths, resume, export=export)
+    opts = RunOptions(
+        dry_run=dry_run,
+        resume=gptq_dir,
+        resume_all=resuming,
+        resume_hint=hint,
+        device=device,
+        max_memory=parse_bytes(max_memory),
+        max_gpu_memory=parse_bytes(max_gpu_memory, "--max-gpu-memory"),
+        measure_dataset=eval_dataset,
+        measure_ctx=eval_ctx,
+        measure_chunks=eval_chunks,
+    )
+    ckpt = open_checkpoint(src, revision=revision, allow_pickle=allow_pickle)
+    if not dry_run:  # the recipe as the run records it (its GGUF outputs' identity)
+        _check_partials(ckpt, resolve_compute_dtype(r, opts), paths, resume=resuming, hint=hint)
+    data = run(ckpt, r, paths, opts, as_reporter(reporter, on_event))
     return QuantizeResult(data)
+
+
+GPTQ_WORK_SUFFIX = ".qtool-gptq"  # pipeline._gptq's default checkpoint folder
+
+
+def _resume_target(
+    r: Recipe, paths: list[Path | None], resume: str | Path | bool | None, *, export: bool
+) -> tuple[Path | None, str | None]:
+    """(GPTQ's checkpoint folder when ``resume`` names it, how a user continues this run:
+    None for "--resume" and the output's own checkpoint folder)."""
+    from qtool.errors import BadInputError
+    from qtool.formats.gguf import partial_path
+
+    if export:
+        return None, "--resume"
+    gguf_paths = [p for p, o in zip(paths, r.outputs, strict=True) if o.format == "gguf" and p]
+    if r.method("gptq") is not None:
+        first = paths[0]
+        default = first.with_name(first.name + GPTQ_WORK_SUFFIX) if first else None
+        if isinstance(resume, (str, Path)):
+            target = Path(resume).expanduser()
+            return target, f"--resume {target}"
+        return None, f"--resume {default}"
+    partials = [partial_path(p) for p in gguf_paths]
+    if isinstance(resume, (str, Path)):
+        target = Path(resume).expanduser()
+        if not any(target.resolve() == q.resolve() for q in partials):
+            raise BadInputError(
+                f"--resume {resume}: this run has no GPTQ stage, and that is not the checkpoint "
+                "of one of its GGUF outputs"
+                + (f" ({', '.join(str(q) for q in partials)})" if partials else ""),
+                hint="pass the OUT.qtool-partial folder an interrupted GGUF output left"
+                if partials
+                else "drop --resume: nothing in this run is resumable",
+            )
+    return None, None
+
+
+def _check_partials(
+    ckpt: Any, r: Recipe, paths: list[Path | None], *, resume: bool, hint: str | None
+) -> None:
+    """Before any work: a GGUF output's checkpoint this run may not continue is refused."""
+    from qtool.formats.gguf import check_partial, partial_path, run_identity
+
+    recipe = r.to_dict(paths=False)
+    for i, (spec, path) in enumerate(zip(r.outputs, paths, strict=True)):
+        if spec.format != "gguf" or path is None or not partial_path(path).is_dir():
+            continue
+        check_partial(
+            path,
+            run_identity(ckpt, recipe, i),
+            resume=resume,
+            hint=hint or f"--resume {partial_path(path)}",
+        )
 
 
 def _paths(r: Recipe, output: str | Path | Sequence[str | Path] | None) -> list[Path | None]:
@@ -310,13 +414,21 @@ def export(
     token_embedding_type: str | None = None,
     pure: bool = False,
     tokenizer_pre: str | None = None,
+    resume: bool = False,
+    strict: bool = False,
     revision: str | None = None,
     allow_pickle: bool = False,
     reporter: Reporter | None = None,
     on_event: OnEvent | None = None,
 ) -> QuantizeResult:
     """Convert ``src`` to GGUF (any type or llama-quantize preset, round-to-nearest) or to a
-    dense HF safetensors folder (``format="safetensors"``, e.g. from a GGUF file)."""
+    dense HF safetensors folder (``format="safetensors"``, e.g. from a GGUF file). A GGUF's
+    tokenizer is checked against the source's (``strict``: a difference is an error).
+
+    ``resume``: continue the interrupted GGUF export of this output from its checkpoint
+    (``OUT.qtool-partial``, left by a kill, a power loss, or Ctrl-C of a run given ``resume``),
+    checked to be this very run's; the file is the one an uninterrupted run writes. Without
+    it, such a checkpoint is refused rather than replaced."""
     from qtool import recipe as rc
     from qtool.errors import BadInputError
 
@@ -344,6 +456,7 @@ def export(
             "--token-embedding-type": token_embedding_type,
             "--pure": pure or None,
             "--tokenizer-pre": tokenizer_pre,
+            "--resume": resume or None,
         }
         for flag, value in given.items():
             if value:
@@ -351,16 +464,20 @@ def export(
         out = {"format": "safetensors", "dtype": dtype}
     else:
         raise BadInputError(f"--format {format!r}: export writes gguf or safetensors")
-    recipe = rc.parse({"stages": [], "outputs": [out]}, where="export")
-    return quantize(
+    recipe = rc.parse(
+        {"stages": [], "outputs": [out], **({"strict": True} if strict else {})}, where="export"
+    )
+    return _run(
         src,
         recipe,
-        output=output,
+        output,
         dry_run=dry_run,
+        resume=True if resume else None,
         revision=revision,
         allow_pickle=allow_pickle,
         reporter=reporter,
         on_event=on_event,
+        export=True,
     )
 
 
@@ -381,11 +498,17 @@ def evaluate(
     dtype: str = "float32",
     device: str = "auto",
     threads: int | None = None,
+    resume: str | Path | None = None,
     reporter: Reporter | None = None,
     on_event: OnEvent | None = None,
 ) -> EvalResult:
     """Perplexity, KL divergence and top-1 agreement of each artifact against ``base`` on the
-    text ``dataset``, window by window."""
+    text ``dataset``, window by window.
+
+    ``resume``: a state file, saved as windows complete (and on Ctrl-C or an error): an
+    interrupted evaluation given the same file and settings skips the windows done and gives
+    exactly the numbers of an uninterrupted one; a file of other settings is refused; it is
+    deleted when the evaluation completes."""
     from qtool.evaluate.runner import EvalSettings, run_eval
 
     data = run_eval(
@@ -400,6 +523,7 @@ def evaluate(
             dtype=dtype,
             device=device,
             threads=threads,
+            resume=resume,
         ),
         reporter=as_reporter(reporter, on_event),
     )

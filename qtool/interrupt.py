@@ -30,6 +30,11 @@ def _on_sigint(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def ignore() -> None:
+    """From now on Ctrl-C does nothing (the run is already stopping)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def install() -> None:
     """Called first thing by the command line (library users keep Python's own handling)."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:

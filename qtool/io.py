@@ -44,7 +44,8 @@ def output_error(path: Path | str, e: OSError) -> OutputError:
 
 
 @contextmanager
-def _os_errors(path: Path) -> Iterator[None]:
+def output_errors(path: Path) -> Iterator[None]:
+    """OSErrors (and safetensors' I/O errors) while writing ``path`` as one-line OutputErrors."""
     try:
         yield
     except QToolError:
@@ -60,9 +61,10 @@ def _os_errors(path: Path) -> Iterator[None]:
 
 
 @contextmanager
-def atomic_path(path: Path | str) -> Iterator[Path]:
+def atomic_path(path: Path | str, *, checkpoint: bool = False) -> Iterator[Path]:
     """A temporary file name beside ``path``; renamed over ``path`` if the block succeeds,
-    removed otherwise. For writers that take a file name (safetensors, gguf-py)."""
+    removed otherwise. For writers that take a file name (safetensors, gguf-py).
+    ``checkpoint``: a resume state, not an output: written after Ctrl-C too (to save it)."""
     path = Path(path).expanduser()
     check_writable(path)
     fd, tmp_name = tempfile.mkstemp(
@@ -71,10 +73,11 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with _os_errors(path):
+        with output_errors(path):
             yield tmp
             os.chmod(tmp, 0o644)  # mkstemp made it private; the output is an ordinary file
-            interrupt.check()  # never publish an output after Ctrl-C
+            if not checkpoint:
+                interrupt.check()  # never publish an output after Ctrl-C
             os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -82,9 +85,11 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_file(path: Path | str, mode: str = "wb") -> Iterator[BinaryIO]:
+def atomic_file(
+    path: Path | str, mode: str = "wb", *, checkpoint: bool = False
+) -> Iterator[BinaryIO]:
     """An open temporary file beside ``path``, flushed, synced and renamed on success."""
-    with atomic_path(path) as tmp, open(tmp, mode) as f:
+    with atomic_path(path, checkpoint=checkpoint) as tmp, open(tmp, mode) as f:
         yield f  # type: ignore[misc]
         f.flush()
         os.fsync(f.fileno())
@@ -101,7 +106,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     except OSError as e:
         raise output_error(out, e) from e
     try:
-        with _os_errors(out):
+        with output_errors(out):
             yield tmp
             interrupt.check()
             _replace_dir(tmp, out)
@@ -140,3 +145,77 @@ def write_text(path: Path | str, text: str) -> None:
     """A small text file (JSON state, YAML), atomically."""
     with atomic_file(path) as f:
         f.write(text.encode("utf-8"))
+
+
+# -- checkpoints of resumable work (GGUF export, eval) -------------------------------------------
+
+
+def fsync_dir(path: Path | str) -> None:
+    """Make a rename or a new file in folder ``path`` durable (a power loss keeps it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # a platform or filesystem without directory handles: nothing more to do
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_state(path: Path | str, state: dict) -> None:
+    """A resume state as JSON, durably: a temporary file synced, renamed, the folder synced.
+    A crash at any moment leaves the previous state or this one. Floats round-trip exactly."""
+    import json
+
+    with atomic_file(path, checkpoint=True) as f:
+        f.write(json.dumps(state, indent=1, sort_keys=True, allow_nan=True).encode("utf-8"))
+    fsync_dir(Path(path).expanduser().resolve().parent)
+
+
+def file_identity(path: Path | str, sample: int = 1 << 20) -> dict:
+    """What identifies a source file without reading it all: its name, size, modification time
+    and the SHA-256 of its first and last ``sample`` bytes (a safetensors or GGUF header and
+    the end of its data)."""
+    import hashlib
+
+    p = Path(path)
+    st = p.stat()
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        h.update(f.read(sample))
+        if st.st_size > sample:
+            f.seek(max(sample, st.st_size - sample))
+            h.update(f.read(sample))
+    return {
+        "name": p.name,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "sha256_head_tail": h.hexdigest(),
+    }
+
+
+def first_difference(old: object, new: object, prefix: str = "") -> str:
+    """The first place two identities (nested dicts/lists) differ, as ``key: old -> new``;
+    empty when they are equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new), key=str):
+            d = first_difference(old.get(k), new.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return ""
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            d = first_difference(a, b, f"{prefix}{i}.")
+            if d:
+                return d
+        return ""
+    if old != new:
+        return f"{prefix.rstrip('.') or 'value'}: {_short(old)} -> {_short(new)}"
+    return ""
+
+
+def _short(v: object, n: int = 60) -> str:
+    s = str(v)
+    return s if len(s) <= n else s[: n - 3] + "..."

@@ -507,6 +507,10 @@ class Context:
 class RunOptions:
     dry_run: bool = False
     resume: Path | None = None
+    # continue the run's checkpoints: GPTQ's folder (``resume``, else its default place) and the
+    # GGUF outputs' partial files (formats.gguf); ``resume`` given implies it
+    resume_all: bool = False
+    resume_hint: str | None = None  # how to continue a GGUF output (default --resume OUT.partial)
     device: str = "auto"
     max_memory: int | None = None  # host memory budget in bytes (the memory plan)
     max_gpu_memory: int | None = None
@@ -749,7 +753,9 @@ def _gptq(ctx: Context, opts: RunOptions, reporter: Reporter) -> Path | None:
     from qtool.runner import dist
 
     world = dist.world()
-    work = WorkDir.open(work_path, identity, resume=opts.resume is not None, world=world)
+    work = WorkDir.open(
+        work_path, identity, resume=opts.resume is not None or opts.resume_all, world=world
+    )
     if opts.resume is None:
         reporter.info(
             f"checkpoints in {work_path}; if interrupted, rerun with --resume {work_path}"
@@ -842,7 +848,7 @@ def _write(ctx: Context, o: OutputPlan, opts: RunOptions, reporter: Reporter) ->
     assert o.path is not None
     recipe = _recorded(ctx.plan.recipe, o)
     if isinstance(o.spec, GGUFOutput):
-        return _write_gguf(ctx, o, recipe, reporter)
+        return _write_gguf(ctx, o, recipe, opts, reporter)
     if isinstance(o.spec, IntOutput):
         return _write_int(ctx, o, recipe, opts, reporter)
     if isinstance(o.spec, BitNetOutput):
@@ -859,14 +865,14 @@ def _recorded(recipe: Recipe, o: OutputPlan) -> dict[str, Any]:
 
 
 def _write_gguf(
-    ctx: Context, o: OutputPlan, recipe: dict[str, Any], reporter: Reporter
+    ctx: Context, o: OutputPlan, recipe: dict[str, Any], opts: RunOptions, reporter: Reporter
 ) -> dict[str, Any]:
     import json
 
     import numpy as np
 
     from qtool.calibrate.imatrix import check_imatrix, read_imatrix
-    from qtool.formats.gguf import write_gguf
+    from qtool.formats.gguf import partial_path, run_identity, write_gguf
 
     spec: GGUFOutput = o.spec
     src = ctx.plan.source
@@ -917,8 +923,12 @@ def _write_gguf(
         tokenizer_pre=spec.tokenizer_pre,
         extra_kv={"qtool.recipe": json.dumps(recipe, sort_keys=True)},
         reporter=reporter,
+        resume=opts.resume is not None or opts.resume_all,
+        identity=run_identity(src, ctx.plan.recipe.to_dict(paths=False), o.index),
+        resume_hint=opts.resume_hint or f"--resume {partial_path(o.path)}",
     )
     params = sum(int(np.prod(e.shape)) for e in o.gguf.entries if not e.name.startswith("rope_"))
+    tokens = _check_tokenizer(ctx, o.path, reporter)
     from qtool.formats.folder import _footprint
 
     return {
@@ -933,8 +943,44 @@ def _write_gguf(
         "types": o.gguf.type_counts(),
         "methods": _method_counts(o),
         "vocab": o.gguf.vocab,
+        "tokenizer_check": tokens,
         "tensors": [e.as_dict() for e in o.entries],
     }
+
+
+def _check_tokenizer(ctx: Context, path: Path, reporter: Reporter) -> dict[str, Any] | None:
+    """Tokenizer fidelity (:mod:`qtool.formats.tokcheck`): a difference is a warning, an error
+    with ``strict`` (the output is then removed). A GGUF source's vocabulary is copied as is:
+    nothing to check."""
+    from qtool.formats.tokcheck import check_tokenizer
+
+    src = ctx.plan.source
+    if src.format == "gguf":
+        return None
+    strict = ctx.plan.recipe.strict
+    res = check_tokenizer(path, src.root)
+    if not res.ran:
+        msg = f"tokenizer check not run: {res.reason}"
+        if strict:
+            path.unlink(missing_ok=True)
+            raise BadInputError(f"--strict: {msg}", hint="pip install llama-cpp-python")
+        reporter.info(msg)
+        return res.as_dict()
+    if res.differ:
+        ex = res.differ[0]
+        msg = (
+            f"{path}: llama.cpp tokenizes {len(res.differ)} of {res.strings} test strings "
+            f"differently from the source's tokenizer (e.g. {ex['text'][:40]!r} at token "
+            f"{ex['first_difference']}: {ex['llama.cpp']} vs {ex['transformers']})"
+        )
+        hint = "check --tokenizer-pre (llama.cpp's pre-tokenizer name) and the tokenizer files"
+        if strict:
+            path.unlink(missing_ok=True)
+            raise BadInputError(msg + "; output removed", hint=hint)
+        reporter.warn(f"{msg}; {hint}")
+    else:
+        reporter.info(f"tokenizer check: llama.cpp and transformers agree on {res.strings} strings")
+    return res.as_dict()
 
 
 def _method_counts(o: OutputPlan) -> dict[str, int]:

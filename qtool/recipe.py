@@ -51,6 +51,7 @@ from pydantic import (
     Tag,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from qtool.errors import BadInputError
@@ -142,10 +143,19 @@ class GPTQStage(_Targets):
     method: Literal["gptq"]
     damp: Annotated[float, Field(gt=0.0, le=1.0)] = 0.01
     block_size: Annotated[int, Field(ge=1)] = 128
-    act_order: bool = False
-    static_groups: bool = False
+    # act-order with static groups by default: the best of the measured settings (README,
+    # "GPTQ defaults"); static groups follow act-order unless set
+    act_order: bool = True
+    static_groups: bool = True
     true_sequential: bool = True
     clip: str = "none"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_static_groups(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("static_groups") is None:
+            return {**data, "static_groups": data.get("act_order", True)}
+        return data
 
     @field_validator("clip")
     @classmethod
@@ -494,7 +504,7 @@ FLAGS = {
     "damp": "--damp",
     "block_size": "--block-size",
     "act_order": "--act-order/--no-act-order",
-    "static_groups": "--static-groups",
+    "static_groups": "--static-groups/--no-static-groups",
     "true_sequential": "--true-sequential/--no-true-sequential",
     "imatrix": "--imatrix",
     "tensor_type": "--tensor-type",

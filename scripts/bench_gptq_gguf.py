@@ -46,7 +46,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-ctx", type=int, default=512)
     ap.add_argument("--eval-chunks", type=int, default=20)
-    ap.add_argument("--act-order", action="store_true", help="GPTQ with act-order + static groups")
+    ap.add_argument(
+        "--natural-order",
+        action="store_true",
+        help="GPTQ without act-order (the default is act-order with static groups)",
+    )
     ap.add_argument("--quick", action="store_true", help="16 x 256 calibration, 8 eval windows")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/qtool/bench-gptq-gguf")
     ap.add_argument("--out", type=Path, default=None)
@@ -84,7 +88,7 @@ def main() -> None:
         llama_quantize(f32, ref, preset, imatrix=read_imatrix(imat))
         ref_s = time.perf_counter() - t0
         mine = work / f"qtool-gptq-{preset}.gguf"
-        extra = ["--act-order", "--static-groups"] if a.act_order else []
+        extra = ["--no-act-order"] if a.natural_order else []
         t0 = time.perf_counter()
         res = qtool("quantize", model, "--method", "gptq", "--type", preset, *calib,
                     "--imatrix", "calibration", *extra, "-o", mine)  # fmt: skip
@@ -126,7 +130,7 @@ def main() -> None:
             "chunks": a.eval_chunks,
             "base_ppl": ev["base"]["ppl"],
         },  # fmt: skip
-        "act_order": a.act_order,
+        "act_order": not a.natural_order,
         "rows": rows,
     }
     print(f"base PPL {ev['base']['ppl']:.3f}", file=sys.stderr)

@@ -15,9 +15,11 @@ polling the process tree):
   decreasing Hessian diagonal, group scales fixed up front from the original weight) and its
   sequential pipeline (each decoder layer calibrated with its float weights on the outputs of
   the quantized layers before it);
-- ``qtool-matched``: ``--act-order --static-groups --no-true-sequential``, the same algorithm;
-- ``qtool-default``: qtool's plain defaults (natural column order, group scales fitted as each
-  group starts, true-sequential q/k/v -> o -> gate/up -> down within a layer).
+- ``qtool-matched``: ``--act-order --static-groups --no-true-sequential --compute-dtype
+  float32``, the same algorithm;
+- ``qtool-default``: qtool's plain defaults (act-order with static groups, true-sequential
+  q/k/v -> o -> gate/up -> down within a layer, the compute dtype chosen for the device:
+  bfloat16 forwards on CPUs with bf16 instructions, Hessians in float32).
 
 All three write compressed-tensors ``pack-quantized`` folders; ONE ``qtool eval`` call scores
 them against the bf16 base (PPL, KLD, top-1). The agreement check unpacks the integer codes of
@@ -382,7 +384,8 @@ def qtool_cmd(src: str, out: Path, a: argparse.Namespace, matched: bool) -> list
         "--format", "compressed-tensors", "--device", "cpu", "-o", str(out), "--json",
     ]  # fmt: skip
     if matched:
-        cmd += ["--act-order", "--static-groups", "--no-true-sequential"]
+        cmd += ["--act-order", "--static-groups", "--no-true-sequential",
+                "--compute-dtype", "float32"]  # fmt: skip
     return cmd
 
 
@@ -408,7 +411,7 @@ def run_qtool(label: str, src: str, work: Path, a: argparse.Namespace, matched: 
         config=(
             "act-order, static groups, per-layer Hessians (--no-true-sequential)"
             if matched
-            else "qtool defaults: natural order, groups fitted as they start, true-sequential"
+            else "qtool defaults: act-order, static groups, true-sequential, compute dtype auto"
         ),
         inner_seconds=data.get("seconds"),
         linears=len(layers),

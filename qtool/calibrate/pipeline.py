@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,12 @@ from qtool.calibrate.statsfile import (
     sample_weights,
 )
 from qtool.checkpoint import Checkpoint, open_checkpoint
-from qtool.errors import BadInputError, UnsupportedError
+from qtool.errors import BadInputError, PeerError, UnsupportedError
 from qtool.events import SILENT, Reporter
 from qtool.models.spec import ModelSpec
 from qtool.runner.layers import (
     COMPUTE_DTYPES,
+    CalibrationWork,
     calibrate_layerwise,
     dtype_name,
     pick_device,
@@ -168,9 +170,14 @@ def _has_tokenizer(root: Path) -> bool:
 
 
 def calibrate(
-    prep: Prepared, opts: CalibrateOptions, *, progress: Reporter | None = None
+    prep: Prepared,
+    opts: CalibrateOptions,
+    *,
+    progress: Reporter | None = None,
+    work: CalibrationWork | None = None,
 ) -> CalibrationStats:
-    """Run the model layer by layer on the prepared samples and gather the statistics."""
+    """Run the model layer by layer on the prepared samples and gather the statistics
+    (``work``: the resume folder; see :class:`~qtool.runner.layers.CalibrationWork`)."""
     device = pick_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     mem = memory_plan(prep.ckpt, prep.samples.ids, opts, device, dtype, gptq=False)
@@ -188,6 +195,8 @@ def calibrate(
         progress=progress,
         all_experts=opts.all_experts,
         place=mem.placement,
+        folder=None if work is None else work.stash_folder(),
+        work=work,
     )
     sample_names, sample = sample_weights(prep.ckpt)
     spec = prep.spec
@@ -216,6 +225,26 @@ def calibrate(
     cal = CalibrationStats(meta, result.stats, sample, None, gguf_names)
     cal.seconds = result.seconds
     return cal
+
+
+def calibration_identity(prep: Prepared, opts: CalibrateOptions) -> dict[str, Any]:
+    """What makes two calibrations the same run (a resume folder of another is refused)."""
+    ids = prep.samples.ids
+    return {
+        "model": model_identity(prep.ckpt),
+        "samples": {
+            "shape": list(ids.shape),
+            "tokens_sha256": prep.dataset["tokens_sha256"],
+        },
+        "options": {
+            "batch_size": opts.batch_size,
+            "dtype": dtype_name(resolve_dtype(opts.dtype, pick_device(opts.device))),
+            "hessian": opts.hessian,
+            "lm_head": opts.lm_head,
+            "all_experts": opts.all_experts,
+        },
+        "qtool_version": __version__,
+    }
 
 
 def moe_meta(ckpt: Checkpoint, routed: dict[int, list[int]], all_experts: bool) -> dict[str, Any]:
@@ -303,9 +332,13 @@ def run_calibrate(
     top: int = 10,
     outlier_factor: float = 20.0,
     reporter: Reporter = SILENT,
+    resume: Path | None = None,
 ) -> tuple[dict[str, Any], CalibrationStats]:
     """``qtool calibrate``: samples, statistics, the stats file (``output``, default
-    ``./MODEL.calib.safetensors``) and the imatrix (``imatrix``), both written or neither."""
+    ``./MODEL.calib.safetensors``) and the imatrix (``imatrix``), both written or neither.
+    Per-layer results and hidden-state checkpoints go to a work folder beside the stats file
+    (``STATS.qtool-calibrate``), removed on success; ``resume`` continues the run it holds.
+    Under torchrun every rank calls this; rank 0 writes and returns the full result."""
     from dataclasses import asdict
 
     from qtool.calibrate.imatrix import save_imatrix
@@ -319,8 +352,7 @@ def run_calibrate(
     stats_path = output or Path(f"{_stem(src)}.calib.safetensors")
     world = dist.world()  # torchrun: every rank runs this; rank 0 alone writes
     world.agree(
-        dist.software()
-        | {"the options": {**asdict(opts), "imatrix_output": imatrix_output}}
+        dist.software() | {"the options": {**asdict(opts), "imatrix_output": imatrix_output}}
     )
 
     def writable() -> None:
@@ -351,7 +383,24 @@ def run_calibrate(
         f"{d['spec']} ({d['stream_tokens']:,} tokens, {d['windows_available']} windows; "
         f"tokens sha256 {d['tokens_sha256'][:16]})"
     )
-    cal = calibrate(prep, opts, progress=reporter)
+    work_path = resume or stats_path.with_name(stats_path.name + ".qtool-calibrate")
+    work = CalibrationWork.open(
+        work_path, calibration_identity(prep, opts), resume=resume is not None, world=world
+    )
+    if resume is None:
+        reporter.info(f"checkpoints in {work_path}; if interrupted: --resume {work_path}")
+    dist.note_resume(work_path)
+    fresh = work.layers_done == 0
+    try:
+        cal = calibrate(prep, opts, progress=reporter, work=work)
+    except PeerError as e:
+        raise PeerError(e.message, hint=f"rerun with --resume {work_path}") from e
+    except BadInputError:
+        if fresh and world.is_main:  # bad input fails the same way again: nothing to resume
+            shutil.rmtree(work_path, ignore_errors=True)
+        raise
+    if not world.is_main:  # rank 0 writes (on resume only it holds the earlier layers)
+        return {"rank": world.rank}, cal
     for r in coverage(cal.meta["moe"])["layers"] if cal.meta.get("moe") else []:
         if r["starved"]:
             reporter.warn(
@@ -360,15 +409,15 @@ def run_calibrate(
                 f"{r['starved'][0][1]}); more samples or --all-experts give them data"
             )
     im = imatrix_of(cal, include_output=imatrix_output) if imatrix is not None else None
-    if world.is_main:
-        save_stats(stats_path, cal)
-        if im is not None and imatrix is not None:
-            try:
-                save_imatrix(imatrix, im)
-            except BaseException:
-                stats_path.unlink(missing_ok=True)  # both outputs or neither
-                raise
-        reporter.info(f"wrote {stats_path}" + (f" and {imatrix}" if imatrix else ""))
+    save_stats(stats_path, cal)
+    if im is not None and imatrix is not None:
+        try:
+            save_imatrix(imatrix, im)
+        except BaseException:
+            stats_path.unlink(missing_ok=True)  # both outputs or neither
+            raise
+    shutil.rmtree(work_path, ignore_errors=True)
+    reporter.info(f"wrote {stats_path}" + (f" and {imatrix}" if imatrix else ""))
     rows = outlier_rows(cal.layers.values(), factor=outlier_factor, top=top)
     data: dict[str, Any] = {
         "model": prep.ckpt.source,

@@ -325,6 +325,47 @@ class LinearStats:
     hessian: np.ndarray | None = None  # [in, in] float32, Σ x xᵀ (shared inputs: once)
     shares_input_with: str | None = None  # the layer whose identical input was measured
 
+    def to_state(self) -> dict[str, torch.Tensor]:
+        """Every field as tensors, exactly (a resume folder's per-layer file)."""
+        t: dict[str, torch.Tensor] = {
+            "in_features": torch.tensor([self.in_features], dtype=torch.int64),
+            "count": torch.tensor([self.count], dtype=torch.int64),
+            "sum_sq": torch.from_numpy(np.array(self.sum_sq, copy=True)),
+            "absmax": torch.from_numpy(np.array(self.absmax, copy=True)),
+            "min": torch.from_numpy(np.array(self.min, copy=True)),
+            "max": torch.from_numpy(np.array(self.max, copy=True)),
+            "hist": torch.from_numpy(np.array(self.hist, copy=True)),
+            "hist_range": torch.tensor([self.hist_range], dtype=torch.float64),
+        }
+        if self.out_absmax is not None:
+            t["out_absmax"] = torch.from_numpy(np.array(self.out_absmax, copy=True))
+            t["out_range"] = torch.tensor([self.out_min, self.out_max], dtype=torch.float64)
+        if self.hessian is not None:
+            t["hessian"] = torch.from_numpy(np.array(self.hessian, copy=True))
+        return t
+
+    @classmethod
+    def from_state(
+        cls, name: str, t: dict[str, torch.Tensor], shares_input_with: str | None
+    ) -> LinearStats:
+        out = t.get("out_range")
+        return cls(
+            name=name,
+            in_features=int(t["in_features"][0]),
+            count=int(t["count"][0]),
+            sum_sq=t["sum_sq"].numpy(),
+            absmax=t["absmax"].numpy(),
+            min=t["min"].numpy(),
+            max=t["max"].numpy(),
+            hist=t["hist"].numpy(),
+            hist_range=float(t["hist_range"][0]),
+            out_absmax=t["out_absmax"].numpy() if "out_absmax" in t else None,
+            out_min=float(out[0]) if out is not None else None,
+            out_max=float(out[1]) if out is not None else None,
+            hessian=t["hessian"].numpy() if "hessian" in t else None,
+            shares_input_with=shares_input_with,
+        )
+
     @property
     def importance(self) -> np.ndarray:
         """Mean squared activation per input channel: llama-quantize's per-column weight."""

@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> None:
         run(argv)
         interrupt.check()  # an interrupt swallowed where it could not propagate
     except KeyboardInterrupt as e:
+        # a second Ctrl-C (or a swallowed one delivered again) must not cut this line short
+        # or end the process by the signal instead of the exit code
+        interrupt.ignore()
         if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):  # a torchrun worker
             from qtool.cli.launch import worker_failed
 

@@ -102,6 +102,14 @@ def calibrate_cmd(
             "--outlier-factor", help="A channel is an outlier above this x median absmax."
         ),
     ] = 20.0,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue the interrupted calibration kept in this folder "
+            "(STATS.qtool-calibrate, named when the run starts).",
+        ),
+    ] = None,
     revision: Revision = None,
     nproc: Nproc = None,
     json_out: JsonFlag = False,
@@ -145,6 +153,7 @@ def calibrate_cmd(
             revision=revision,
             top=top,
             outlier_factor=outlier_factor,
+            resume=resume,
             reporter=rep,
         )
     out.result(res.data, lambda console: render(console, res.data))

@@ -77,6 +77,16 @@ def eval_command(
             "--threads", min=1, help="CPU threads for torch and llama.cpp (default: all cores)."
         ),
     ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Keep the running totals in this state file (saved as windows complete, and "
+            "on Ctrl-C); rerun with the same file and settings after a crash to skip the "
+            "windows done, with the numbers of an uninterrupted run. Another evaluation's file "
+            "is refused; a completed run deletes it.",
+        ),
+    ] = None,
     plot: Annotated[
         Path | None,
         typer.Option("--plot", help="Write a PNG of bits per weight against KLD (matplotlib)."),
@@ -92,6 +102,8 @@ def eval_command(
       qtool eval m.Q4_K_M.gguf m.Q8_0.gguf --base ./m --dataset canterbury:plrabn12.txt --ctx 512
 
       qtool eval ./model-w4a16 --base ./model --dataset wiki.test.raw --ctx 2048 --chunks 20 --json
+
+      qtool eval m.Q4_K_M.gguf --base ./m --dataset wiki.test.raw --ctx 2048 --resume m.eval-state
     """
     from qtool import api
     from qtool.evaluate.report import plot as draw_plot
@@ -115,6 +127,7 @@ def eval_command(
             dtype=dtype,
             device=device,
             threads=threads,
+            resume=resume,
             reporter=rep,
         ).data
     if plot is not None:

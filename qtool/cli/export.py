@@ -14,6 +14,7 @@ from qtool.cli.quantize import (
     Imatrix,
     OutputTensorType,
     Pure,
+    Strict,
     TensorType,
     TokenEmbeddingType,
     TokenizerPre,
@@ -55,6 +56,17 @@ def export_cmd(
     pure: Pure = False,
     dry_run: DryRun = False,
     tokenizer_pre: TokenizerPre = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="GGUF: continue the interrupted export of this output (killed, power loss, or "
+            "Ctrl-C of a run given --resume) from its checkpoint OUTPUT.qtool-partial/, checked "
+            "to be this very run's; the file is byte-identical to an uninterrupted export. "
+            "Without it such a checkpoint is refused, not replaced.",
+        ),
+    ] = False,
+    strict: Strict = False,
     revision: Revision = None,
     allow_pickle: AllowPickle = False,
     json_out: JsonFlag = False,
@@ -69,6 +81,8 @@ def export_cmd(
       qtool export model-f16.gguf --outtype Q4_K_M -o model-q4km.gguf
 
       qtool export model.Q4_K_M.gguf --format safetensors -o model-hf
+
+      qtool export ./llama-70b --outtype Q4_K_M -o l70.gguf --resume   # after a crash
     """
     from qtool import api
     from qtool.output import reporter
@@ -88,6 +102,8 @@ def export_cmd(
             token_embedding_type=token_embedding_type,
             pure=pure,
             tokenizer_pre=tokenizer_pre,
+            resume=resume,
+            strict=strict,
             revision=revision,
             allow_pickle=allow_pickle,
             reporter=rep,

@@ -61,7 +61,12 @@ TokenizerPre = Annotated[
     typer.Option("--tokenizer-pre", help="llama.cpp pre-tokenizer name, if it is not recognised."),
 ]
 Strict = Annotated[
-    bool, typer.Option("--strict", help="A pattern that matches no tensor is an error.")
+    bool,
+    typer.Option(
+        "--strict",
+        help="Errors, not warnings: a pattern that matches no tensor; a GGUF whose tokenizer "
+        "(llama.cpp's, from the file) splits the test strings unlike the source's.",
+    ),
 ]
 
 
@@ -152,11 +157,19 @@ def quantize_cmd(
         int | None, typer.Option("--block-size", help="GPTQ: columns per lazy update.")
     ] = None,
     act_order: Annotated[
-        bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ: desc_act.")
+        bool | None,
+        typer.Option(
+            "--act-order/--no-act-order",
+            help="GPTQ: columns by decreasing Hessian diagonal (desc_act). Default: on.",
+        ),
     ] = None,
     static_groups: Annotated[
-        bool, typer.Option("--static-groups", help="GPTQ: group scales fixed before act-order.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--static-groups/--no-static-groups",
+            help="GPTQ: group scales fitted before the pass. Default: as --act-order.",
+        ),
+    ] = None,
     true_sequential: Annotated[
         bool | None,
         typer.Option(
@@ -166,7 +179,13 @@ def quantize_cmd(
     ] = None,
     resume: Annotated[
         Path | None,
-        typer.Option("--resume", help="GPTQ: continue the interrupted run kept in this folder."),
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted run (killed, power loss, or Ctrl-C of a run given "
+            "--resume) to the bytes an uninterrupted one writes: GPTQ's checkpoint folder "
+            "(OUTPUT.qtool-gptq by default); without GPTQ, the OUT.qtool-partial folder a GGUF "
+            "output left. GGUF outputs continue their partial files too.",
+        ),
     ] = None,
     device: Annotated[
         str, typer.Option("--device", help="auto (GPU if present), cpu, cuda:N.")
@@ -257,7 +276,7 @@ def quantize_cmd(
         "damp": damp,
         "block_size": block_size,
         "act_order": act_order,
-        "static_groups": static_groups or None,
+        "static_groups": static_groups,
         "true_sequential": true_sequential,
         "imatrix": imatrix,
         "tensor_type": tensor_type or None,

@@ -49,6 +49,14 @@ class PerplexityStats:
         self.nll_sq_sum += float((nll * nll).sum())
         self.count += int(nll.numel())
 
+    def to_state(self) -> dict[str, Any]:
+        """The accumulators, exactly (Python floats are float64; JSON keeps every bit)."""
+        return {"nll_sum": self.nll_sum, "nll_sq_sum": self.nll_sq_sum, "count": self.count}
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any]) -> PerplexityStats:
+        return cls(float(d["nll_sum"]), float(d["nll_sq_sum"]), int(d["count"]))
+
     @property
     def mean_nll(self) -> float:
         return self.nll_sum / self.count if self.count else math.nan
@@ -79,6 +87,29 @@ class CompareStats:
 
     def kld(self) -> np.ndarray:
         return np.concatenate(self.kld_parts) if self.kld_parts else np.zeros(0)
+
+    def to_state(self, parts: int | None = None) -> tuple[dict[str, Any], np.ndarray]:
+        """(the scalar accumulators, every KLD so far as float64); ``parts``: only the first
+        that many KLD slices."""
+        kept = self.kld_parts if parts is None else self.kld_parts[:parts]
+        kld = np.concatenate(kept).astype(np.float64) if kept else np.zeros(0, np.float64)
+        scalars = {
+            "ppl": self.ppl.to_state(),
+            "top1": self.top1,
+            "dp_sum": self.dp_sum,
+            "count": self.count,
+        }
+        return scalars, kld
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any], kld: np.ndarray) -> CompareStats:
+        return cls(
+            PerplexityStats.from_state(d["ppl"]),
+            [np.asarray(kld, dtype=np.float64)] if len(kld) else [],
+            int(d["top1"]),
+            float(d["dp_sum"]),
+            int(d["count"]),
+        )
 
     def summary(self) -> dict[str, Any]:
         k = self.kld()

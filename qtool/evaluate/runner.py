@@ -7,9 +7,11 @@ hidden states per model plus one slice of logits, whatever the length of the tex
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,6 +59,7 @@ class EvalSettings:
     dtype: str = "float32"
     device: str = "auto"
     threads: int | None = None
+    resume: str | Path | None = None  # the resume file (qtool.evaluate.state)
 
 
 @dataclass
@@ -183,6 +186,14 @@ def run_eval(s: EvalSettings, reporter: Reporter = SILENT) -> dict[str, Any]:
             out.warn(f"{src}: {differ} token strings differ from the base's (none in the text)")
         art_ckpts.append(ckpt)
 
+    # The resume file, checked against these settings before any model is loaded.
+    resume = None
+    if s.resume is not None:
+        from qtool.evaluate.state import EvalCheckpoint
+
+        identity = _identity(s, base_ckpt, art_ckpts, dataset.text, windows, bos, device)
+        resume = EvalCheckpoint.open(s.resume, identity)
+
     # Models: the base, then each artifact (one model for sources that are the same files).
     base_hf_cfg = hf_config(base_ckpt)
     task = out.task("loading models", 1 + len(art_ckpts))
@@ -232,38 +243,67 @@ def run_eval(s: EvalSettings, reporter: Reporter = SILENT) -> dict[str, Any]:
     unique = {id(m): m for m in [base, *models]}
     timers = {k: _Timer() for k in unique}
     n = len(windows)
+    start, seconds_before = 0, 0.0
+    if resume is not None and resume.windows_done:
+        start = resume.windows_done
+        base_stats, stats, forward, seconds_before = resume.restore()
+        for timer, sec in zip(timers.values(), forward, strict=True):
+            timer.seconds = sec
+        out.info(f"resuming at window {start + 1} of {n} ({start} done, kept in {resume.path})")
     out.info(
         f"evaluating {len(models)} artifact(s) on {n} windows of {s.ctx} tokens "
         f"({s.scoring} scoring, {n * (last - first)} tokens scored) on {device}"
     )
     t_loop = time.perf_counter()
     task = out.task("eval", n * len(unique))
-    for w in range(n):
-        ids = windows[w]
-        logits = {}
-        for k, m in unique.items():
-            with timers[k]:
-                logits[k] = m.runner.run(ids)
-            task.advance()
-        targets_all = torch.as_tensor(ids, dtype=torch.long)
-        for a in range(first, last, head_rows):
-            b = min(a + head_rows, last)
-            block = {}
-            for k in unique:
+    task.advance(start * len(unique))
+    try:
+        for w in range(start, n):
+            ids = windows[w]
+            logits = {}
+            for k, m in unique.items():
                 with timers[k]:
-                    block[k] = logits[k].rows(a, b)
-            for c in range(0, b - a, metric_rows):
-                d = min(c + metric_rows, b - a)
-                bl = block[id(base)][c:d]
-                y = targets_all[a + c + 1 : a + d + 1].to(bl.device)
-                bs = base_slice(base_stats, bl, y)
-                for st, m in zip(stats, models, strict=True):
-                    update_compare(st, bs, block[id(m)][c:d].to(bl.device), y)
-                del bs
-            del block
-        del logits
+                    logits[k] = m.runner.run(ids)
+                task.advance()
+            targets_all = torch.as_tensor(ids, dtype=torch.long)
+            for a in range(first, last, head_rows):
+                b = min(a + head_rows, last)
+                block = {}
+                for k in unique:
+                    with timers[k]:
+                        block[k] = logits[k].rows(a, b)
+                for c in range(0, b - a, metric_rows):
+                    d = min(c + metric_rows, b - a)
+                    bl = block[id(base)][c:d]
+                    y = targets_all[a + c + 1 : a + d + 1].to(bl.device)
+                    bs = base_slice(base_stats, bl, y)
+                    for st, m in zip(stats, models, strict=True):
+                        update_compare(st, bs, block[id(m)][c:d].to(bl.device), y)
+                    del bs
+                del block
+            del logits
+            if resume is not None:
+                resume.mark(
+                    w + 1,
+                    base_stats,
+                    stats,
+                    [timer.seconds for timer in timers.values()],
+                    seconds_before + time.perf_counter() - t_loop,
+                )
+    except BaseException as e:
+        if resume is not None:  # the last complete window, for the next --resume
+            try:
+                resume.save()
+            except Exception:  # noqa: BLE001 - the last save stands; the first error is the news
+                pass
+            if isinstance(e, KeyboardInterrupt) and resume.windows_done:
+                out.warn(
+                    f"{resume.windows_done} of {n} windows kept in {resume.path}; "
+                    "the same command continues"
+                )
+        raise
     out.done(task)
-    eval_seconds = time.perf_counter() - t_loop
+    eval_seconds = seconds_before + time.perf_counter() - t_loop
 
     text_tokens = n * s.ctx
     base_row = _model_row(base, base_params)
@@ -282,7 +322,7 @@ def run_eval(s: EvalSettings, reporter: Reporter = SILENT) -> dict[str, Any]:
         row["forward_seconds"] = timers[id(m)].seconds
         row["tokens_per_second"] = _rate(text_tokens, timers[id(m)].seconds)
         rows.append(row)
-    return {
+    result = {
         "settings": {
             "base": s.base,
             "dataset": dataset.label,
@@ -305,6 +345,54 @@ def run_eval(s: EvalSettings, reporter: Reporter = SILENT) -> dict[str, Any]:
             "eval_seconds": eval_seconds,
             "tokens_per_second": _rate(text_tokens, eval_seconds),
         },
+    }
+    if resume is not None:
+        resume.remove()  # complete: nothing is left to resume
+    return result
+
+
+def _identity(
+    s: EvalSettings,
+    base: Checkpoint,
+    artifacts: list[Checkpoint],
+    text: str,
+    windows: np.ndarray,
+    bos: int | None,
+    device: str,
+) -> dict[str, Any]:
+    """What makes two evaluations the same one, for ``--resume``: the models and their files,
+    the text and the windows cut from it, every setting that changes a number, the versions."""
+    import torch
+
+    from qtool import __version__
+    from qtool.io import file_identity
+
+    def model(src: str, ckpt: Checkpoint) -> dict[str, Any]:
+        files = sorted(ckpt.files, key=lambda f: Path(f).name)
+        return {"source": src, "files": [file_identity(f) for f in files]}
+
+    return {
+        "base": model(s.base, base),
+        "artifacts": [model(a, c) for a, c in zip(s.artifacts, artifacts, strict=True)],
+        "dataset": {
+            "spec": s.dataset,
+            "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        },
+        "windows": {
+            "shape": list(windows.shape),
+            "bos": bos,
+            "sha256": hashlib.sha256(np.ascontiguousarray(windows, np.int64).tobytes()).hexdigest(),
+        },
+        "settings": {
+            "ctx": s.ctx,
+            "chunks": s.chunks,
+            "scoring": s.scoring,
+            "backend": s.backend,
+            "dtype": s.dtype,
+            "device": device,
+            "threads": torch.get_num_threads(),
+        },
+        "versions": {"qtool": __version__, "torch": torch.__version__},
     }
 
 

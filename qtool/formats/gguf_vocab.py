@@ -224,9 +224,12 @@ def identify_pre_tokenizer(tokenizer_json: Path) -> str:
         return PRE_TOKENIZERS[digest]
     except KeyError:
         raise UnsupportedError(
-            f"the tokenizer's pre-tokenizer is not recognised (check-text hash {digest[:16]}…)",
+            "the tokenizer's pre-tokenizer is not recognised (llama.cpp's check-text hash "
+            f"chkhsh {digest})",
             hint="pass --tokenizer-pre NAME with the llama.cpp pre-tokenizer it matches "
-            f"(known here: {', '.join(sorted(set(PRE_TOKENIZERS.values())))})",
+            f"(known here: {', '.join(sorted(set(PRE_TOKENIZERS.values())))}; llama.cpp's "
+            "convert_hf_to_gguf.py lists the others by chkhsh; the tokenizer check after "
+            "writing then shows whether it matches)",
         ) from None
 
 

@@ -65,6 +65,12 @@ def smoothquant(ckpt: Checkpoint, stats: CalibrationStats, alpha: float) -> Smoo
 
     family = family_for(ckpt.config)
     mapping = family.smooth_pairs
+    if not mapping:  # e.g. OLMo 2: its norms follow the attention and MLP, none feeds a linear
+        raise UnsupportedError(
+            f"--smoothquant: no norm feeds the linears of {family.model_type}, so there is "
+            "nothing to fold the factors into",
+            hint="drop --smoothquant (W8A8 works without it)",
+        )
     prefix, n_layers = _layers_prefix(ckpt)
     factors: dict[str, torch.Tensor] = {}
     norms: dict[str, torch.Tensor] = {}

@@ -6,7 +6,18 @@ differs from the llama-like base) + its import below + its tests (README, "Addin
 family").
 """
 
-from qtool.models import gemma3, llama, mixtral, phi3, qwen, qwen_moe  # noqa: F401  (registration)
+from qtool.models import (  # noqa: F401  (registration)
+    gemma2,
+    gemma3,
+    granite,
+    llama,
+    mixtral,
+    olmo2,
+    phi3,
+    qwen,
+    qwen_moe,
+    smollm3,
+)
 from qtool.models.base import Family, GenericFamily, GGUFTensor, family_for, supported
 
 __all__ = ["Family", "GGUFTensor", "GenericFamily", "family_for", "supported"]

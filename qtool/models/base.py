@@ -79,6 +79,13 @@ class Family:
     attn_implementation: ClassVar[str] = "sdpa"  # what the layer runner builds layers with
     # output head is exactly lm_head(h) (+ soft-cap): eval applies it per slice of rows
     sliceable_head: ClassVar[bool] = True
+    # Whether a GGUF file of the family can be a source: qtool reads GGUF files as HF
+    # checkpoints (names, config, tokenizer) through transformers' GGUF readers, which must
+    # know the architecture.
+    gguf_readable: ClassVar[bool] = True
+    # GGUF tensors llama.cpp computes with that have no HF weight, which the family turns back
+    # into HF config when reading a GGUF (:meth:`gguf_config_extras`); others are refused.
+    gguf_runtime_tensors: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -319,6 +326,13 @@ class Family:
 
     def check_gguf_source(self, gguf: Any) -> None:
         """Refuse a GGUF file whose HF conversion would not compute what llama.cpp does."""
+        if not self.gguf_readable:
+            raise UnsupportedError(
+                f"{gguf.source}: transformers has no GGUF reader for {self.gguf_arch!r}, "
+                "through which qtool reads GGUF sources",
+                hint="use the original Hugging Face checkpoint (llama-quantize can requantize "
+                "the file)",
+            )
         meta = gguf.gguf_metadata
         scaling = meta.get(f"{self.gguf_arch}.rope.scaling.type")
         if scaling not in (None, "none", "linear"):
@@ -326,16 +340,21 @@ class Family:
                 f"{gguf.source}: RoPE scaling {scaling!r} is not supported for a GGUF source yet",
                 hint="supported: none and linear; use the original Hugging Face checkpoint",
             )
-        if "rope_freqs.weight" in gguf.tensors and self.gguf_arch != "llama":
+        if "rope_freqs.weight" in gguf.tensors and "rope_freqs.weight" not in (
+            self.gguf_runtime_tensors
+        ):
             raise UnsupportedError(
                 f"{gguf.source}: the file carries RoPE frequency factors (rope_freqs), which "
                 f"qtool rebuilds for llama only, not {self.gguf_arch}",
                 hint="use the original Hugging Face checkpoint of this model",
             )
-        if any(n.startswith("rope_factors_") for n in gguf.tensors):
+        if any(
+            n.startswith("rope_factors_") and n not in self.gguf_runtime_tensors
+            for n in gguf.tensors
+        ):
             raise UnsupportedError(
-                f"{gguf.source}: the file carries long-context RoPE factors (Phi-3 'longrope'), "
-                "which qtool does not rebuild yet",
+                f"{gguf.source}: the file carries long-context RoPE factors (rope_factors_*), "
+                f"which qtool rebuilds for phi3 only, not {self.gguf_arch}",
                 hint="use the original Hugging Face checkpoint of this model",
             )
 

@@ -65,6 +65,9 @@ class Gemma3(Family):
         sliding = (self.cfg.get("rope_parameters") or {}).get("sliding_attention") or {}
         if sliding.get("rope_theta") is not None:
             w.add_rope_freq_base_swa(float(sliding["rope_theta"]))
+        if self.folder is not None and (self.folder / "tokenizer.model").is_file():
+            # Gemma3Model.set_vocab: a SentencePiece vocabulary without the prefix space
+            w.add_add_space_prefix(False)
 
     def n_vocab_real(self) -> int | None:
         """Rows of real tokens: Gemma checkpoints pad the embedding beyond the vocabulary."""

@@ -1,10 +1,12 @@
 """Llama and Mistral (llama.cpp arch ``llama``), Llama 3.x rope scaling included.
 
 llama.cpp's converter (``conversion/llama.py``, ``LlamaModel``): the rows of ``q_proj`` and
-``k_proj`` are permuted per head from HF's rotate-half RoPE layout to the interleaved one
-llama.cpp's RoPE uses (``LlamaModel.permute``; K with the KV-head count); ``rope_type: llama3``
-adds a generated ``rope_freqs.weight`` of ``head_dim / 2`` frequency factors
-(``generate_extra_tensors``), and no rope-scaling keys.
+``k_proj`` (weights and biases) are permuted per head from HF's rotate-half RoPE layout to the
+interleaved one llama.cpp's RoPE uses (``LlamaModel.permute``; K with the KV-head count);
+``rope_type: llama3`` adds a generated ``rope_freqs.weight`` of ``head_dim / 2`` frequency
+factors (``generate_extra_tensors``, byte for byte) and no rope-scaling keys; ``vocab_size``
+and ``rope.dimension_count`` are written. Llama 3's tokenizer is named ``llama-bpe`` by the
+converter's check-text hash, which :mod:`qtool.formats.gguf_vocab` shares.
 """
 
 from __future__ import annotations
@@ -31,30 +33,36 @@ def unpermute_qk(w: Any, n_head: int) -> Any:
 
 
 def llama3_rope_factors(rope: dict[str, Any], head_dim: int) -> list[float]:
-    """The ``rope_freqs`` factors of Llama 3.1's frequency-dependent scaling, computed as
-    llama.cpp's converter does (``LlamaModel.generate_extra_tensors``): 1 for short wavelengths,
-    ``factor`` for long ones, a smooth blend in between."""
-    import numpy as np
+    """The ``rope_freqs`` factors of Llama 3.1's frequency-dependent scaling, as llama.cpp's
+    converter computes them (``LlamaModel.generate_extra_tensors``): 1 for short wavelengths,
+    ``factor`` for long ones, a smooth blend in between.
 
+    Byte-identical to the converter: the rotary frequencies come from torch's float32 ``pow``
+    (vectorised, not correctly rounded, as transformers' and the converter's RoPE compute them)
+    and every later step is a float32 operation (torch evaluates ``s / t`` as
+    ``(1 / t) * s``)."""
+    import numpy as np
+    import torch
+
+    f32 = np.float32
     base = float(rope.get("rope_theta") or 10000.0)
-    # float32 frequencies, as the converter computes them with torch
-    idx = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    freqs = (np.float32(1.0) / np.power(np.float32(base), idx, dtype=np.float32)).astype(np.float32)
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+    freqs = (1.0 / (base**exponent)).numpy()
     factor = float(rope.get("factor", 8.0))
     low = float(rope.get("low_freq_factor", 1.0))
     high = float(rope.get("high_freq_factor", 4.0))
     old_ctx = float(rope.get("original_max_position_embeddings", 8192))
-    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    low_wavelen, high_wavelen = f32(old_ctx / low), f32(old_ctx / high)
     out = []
     for f in freqs:
-        wavelen = 2 * math.pi / float(f)
+        wavelen = (f32(1.0) / f) * f32(2 * math.pi)
         if wavelen < high_wavelen:
             out.append(1.0)
         elif wavelen > low_wavelen:
             out.append(factor)
         else:
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            out.append(1.0 / ((1 - smooth) / factor + smooth))
+            smooth = ((f32(1.0) / wavelen) * f32(old_ctx) - f32(low)) / f32(high - low)
+            out.append(float(f32(1.0) / ((f32(1.0) - smooth) / f32(factor) + smooth)))
     return out
 
 
@@ -65,9 +73,10 @@ LLAMA3_ROPE_CANDIDATES = ((1.0, 4.0, 8192),)
 
 
 class Llama(Family):
-    hf_types = ("llama", "mistral")
+    hf_types: ClassVar[tuple[str, ...]] = ("llama", "mistral")
     gguf_arch = "llama"
     extra_rope_types: ClassVar[tuple[str, ...]] = ("llama3",)
+    gguf_runtime_tensors: ClassVar[tuple[str, ...]] = ("rope_freqs.weight",)
 
     def write_gguf_metadata(self, w: Any) -> None:
         super().write_gguf_metadata(w)
@@ -77,19 +86,19 @@ class Llama(Family):
     def generated_tensors(self) -> list[GGUFTensor]:
         if self.rope_type != "llama3":
             return []
-        factors = llama3_rope_factors(self.rope, self.head_dim)
+        rope, head_dim = self.rope, self.head_dim
 
         def build(_inputs: list[Any]) -> Iterator[Any]:
             import numpy as np
 
-            yield np.asarray(factors, dtype=np.float32)
+            yield np.asarray(llama3_rope_factors(rope, head_dim), dtype=np.float32)
 
-        return [GGUFTensor("rope_freqs.weight", (len(factors),), (), build, float_only=True)]
+        return [GGUFTensor("rope_freqs.weight", (head_dim // 2,), (), build, float_only=True)]
 
     def _heads(self, hf_name: str) -> int | None:
-        if hf_name.endswith("self_attn.q_proj.weight"):
+        if hf_name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
             return self.n_head
-        if hf_name.endswith("self_attn.k_proj.weight"):
+        if hf_name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
             return self.n_head_kv
         return None
 

@@ -1,12 +1,29 @@
-"""Phi-3 / Phi-4 (llama.cpp arch ``phi3``): fused ``qkv_proj`` and ``gate_up_proj``, partial
-rotary dimension, and the sliding-window key llama.cpp uses to tell Phi-4 (0) from Phi-3."""
+"""Phi-3, Phi-3.5 and Phi-4 (llama.cpp arch ``phi3``): fused ``qkv_proj`` and ``gate_up_proj``,
+partial rotary dimension, long-context RoPE ("longrope").
+
+llama.cpp's converter (``conversion/phi.py``, ``Phi3MiniModel``): tensors stored as they are;
+its own hyper-parameter set (no ``TextModel`` keys: no rope-scaling type, no key length): the
+rotary dimension ``int(partial_rotary_factor * hidden) // heads``, the original context length
+(``rope.scaling.original_context_length``, Phi3Config's 4096 when the config has none) and the
+sliding window (0 marks Phi-4, whose attention is full). With ``longrope`` (Phi-3.5, Phi-4-mini)
+it generates ``rope_factors_long.weight`` and ``rope_factors_short.weight`` (one factor per
+rotary pair; llama.cpp uses the long ones when the context exceeds the original length, as
+transformers does when the sequence does) and writes ``rope.scaling.attn_factor``, the cos/sin
+scale ``sqrt(1 + ln(s) / ln(original))`` for ``s = max_position_embeddings / original``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
 from qtool.errors import UnsupportedError
-from qtool.models.base import Family
+from qtool.models.base import Family, GGUFTensor
+
+# Phi3Config's default original_max_position_embeddings
+PHI3_ORIG_CTX = 4096
+FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 
 
 class Phi3(Family):
@@ -16,22 +33,101 @@ class Phi3(Family):
         ("input_layernorm", ("self_attn.qkv_proj",)),
         ("post_attention_layernorm", ("mlp.gate_up_proj",)),
     )
+    gguf_runtime_tensors: ClassVar[tuple[str, ...]] = FACTORS
+
+    @property
+    def partial_rotary_factor(self) -> float:
+        return float(
+            self.rope.get("partial_rotary_factor") or self.get("partial_rotary_factor") or 1.0
+        )
+
+    @property
+    def n_rot(self) -> int:
+        """The rotary dimension, as llama.cpp's converter rounds it."""
+        return int(self.partial_rotary_factor * int(self.get("hidden_size"))) // self.n_head
+
+    @property
+    def orig_ctx(self) -> int:
+        rope = self.rope
+        orig = self.get("original_max_position_embeddings") or rope.get(
+            "original_max_position_embeddings"
+        )
+        return int(orig or PHI3_ORIG_CTX)
+
+    @property
+    def longrope(self) -> bool:
+        return self.rope_type in ("longrope", "su") and bool(self.rope.get("long_factor"))
+
+    def attn_factor(self) -> float:
+        """transformers' longrope cos/sin scale: the config's ``attention_factor``, else the
+        paper's value for the context extension (what llama.cpp's converter always writes)."""
+        explicit = self.rope.get("attention_factor")
+        if explicit is not None:
+            return float(explicit)
+        scale = int(self.get("max_position_embeddings")) / self.orig_ctx
+        return math.sqrt(1 + math.log(scale) / math.log(self.orig_ctx)) if scale > 1.0 else 1.0
 
     def check_gguf(self) -> None:
-        if self.rope_type is not None:
+        # llama.cpp's Phi-3 knows plain RoPE and longrope only (no linear scaling keys).
+        if self.rope_type not in (None, "longrope", "su"):
             raise UnsupportedError(
-                "Phi-3 long-context RoPE (longrope) is not supported for export yet"
+                f"RoPE scaling {self.rope_type!r} is not supported for GGUF export of phi3",
+                hint="supported: none (default), longrope",
             )
-        super().check_gguf()
+        if self.rope_type is None:
+            return
+        rope = self.rope
+        long, short = rope.get("long_factor"), rope.get("short_factor")
+        if not long or not short:
+            raise UnsupportedError(
+                f"Phi-3 {self.rope_type} RoPE without long_factor and short_factor lists"
+            )
+        if len(long) != len(short) or 2 * len(long) != self.n_rot:
+            raise UnsupportedError(
+                f"Phi-3 longrope factors of length {len(long)}/{len(short)}: llama.cpp needs "
+                f"one per rotary pair ({self.n_rot // 2})"
+            )
+        if rope.get("factor") is not None and rope.get("attention_factor") is None:
+            ratio = int(self.get("max_position_embeddings")) / self.orig_ctx
+            if not math.isclose(float(rope["factor"]), ratio):
+                # transformers prefers rope "factor" for the default attention factor; llama.cpp's
+                # converter the context ratio. Written explicitly they would agree; not here.
+                raise UnsupportedError(
+                    f"Phi-3 longrope with factor {rope['factor']} != max/original context "
+                    f"{ratio}: the attention factor would differ from transformers'"
+                )
 
     def write_gguf_metadata(self, w: Any) -> None:
-        super().write_gguf_metadata(w)
-        n_embd = int(self.get("hidden_size"))
-        partial = float(self.get("partial_rotary_factor", default=1.0))
-        w.add_rope_dimension_count(int(n_embd // self.n_head * partial))
+        # Phi3MiniModel.set_gguf_parameters, which writes none of TextModel's keys but these.
+        self.check_gguf()
+        w.add_context_length(int(self.get("max_position_embeddings")))
+        w.add_rope_scaling_orig_ctx_len(self.orig_ctx)
+        w.add_embedding_length(int(self.get("hidden_size")))
+        w.add_feed_forward_length(int(self.get("intermediate_size")))
+        w.add_block_count(self.n_layers)
+        w.add_head_count(self.n_head)
+        w.add_head_count_kv(self.n_head_kv)
+        w.add_layer_norm_rms_eps(float(self.get("rms_norm_eps")))
+        w.add_rope_dimension_count(self.n_rot)
+        w.add_rope_freq_base(float(self.rope.get("rope_theta") or 10000.0))
         w.add_sliding_window(int(self.cfg.get("sliding_window") or 0))
-        if (orig := self.rope.get("original_max_position_embeddings")) is not None:
-            w.add_rope_scaling_orig_ctx_len(int(orig))
+        if self.longrope:
+            w.add_rope_scaling_attn_factors(self.attn_factor())
+
+    def generated_tensors(self) -> list[GGUFTensor]:
+        if not self.longrope:
+            return []
+        out = []
+        for name, key in zip(FACTORS, ("long_factor", "short_factor"), strict=True):
+            values = [float(x) for x in self.rope[key]]
+
+            def build(_inputs: list[Any], values: list[float] = values) -> Iterator[Any]:
+                import numpy as np
+
+                yield np.asarray(values, dtype=np.float32)
+
+            out.append(GGUFTensor(name, (len(values),), (), build, float_only=True))
+        return out
 
     def gguf_config_extras(
         self, cfg: Any, gguf: Any, rope: dict[str, Any], key: Any, put: Any
@@ -45,6 +141,27 @@ class Phi3(Family):
         hd = int(cfg.hidden_size) // int(cfg.num_attention_heads)
         if n_rot is not None and int(n_rot) != hd:
             rope["partial_rotary_factor"] = int(n_rot) / hd
-        if (orig := key("rope.scaling.original_context_length")) is not None:
+        orig = key("rope.scaling.original_context_length")
+        if orig is not None:
             put("original_max_position_embeddings", int(orig))
+        if FACTORS[0] in gguf.tensors:
+            rope.update(longrope_from_factors(gguf, key, int(orig or PHI3_ORIG_CTX)))
         return rope
+
+
+def longrope_from_factors(gguf: Any, key: Any, orig: int) -> dict[str, Any]:
+    """HF's "longrope" rope_parameters from a GGUF's factor tensors (the inverse of
+    :meth:`Phi3.generated_tensors`); the attention factor as the file has it."""
+    from qtool.gguf_meta import read_gguf_tensor
+
+    long = read_gguf_tensor(gguf, FACTORS[0]).reshape(-1)
+    short = read_gguf_tensor(gguf, FACTORS[1]).reshape(-1)
+    out: dict[str, Any] = {
+        "rope_type": "longrope",
+        "long_factor": [float(x) for x in long],
+        "short_factor": [float(x) for x in short],
+        "original_max_position_embeddings": orig,
+    }
+    if (attn := key("rope.scaling.attn_factor")) is not None:
+        out["attention_factor"] = float(attn)
+    return out

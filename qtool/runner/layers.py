@@ -45,6 +45,7 @@ from qtool.events import SILENT, Reporter
 from qtool.runner import dist
 from qtool.runner.dist import World, die_here, group_ends, groups, local_cuda, shard
 from qtool.runner.stash import Stash
+from qtool.runner.workdir import WorkFolder, checkpoint_every
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPUTE_DTYPES = ("auto", *DTYPES)
@@ -454,6 +455,7 @@ class Session:
                     "groups: every rank needs at least one",
                     hint=f"run at most {n_groups} processes, or calibrate on more samples",
                 )
+        self.tokens = int(ids.numel())  # all ranks' (the checkpoints hold every batch)
         mine = shard(self.n_total, w.rank, w.size)
         self.first = mine.start
         self.batches = everything[mine.start : mine.stop]
@@ -469,6 +471,10 @@ class Session:
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    def shards(self) -> list[range]:
+        """Every rank's batches (by index among all)."""
+        return [shard(self.n_total, r, self.world.size) for r in range(self.world.size)]
 
     def stash(self, name: str) -> Stash:
         """A new per-batch store placed as the plan says."""
@@ -524,6 +530,38 @@ class Session:
         self.hidden.close()
 
 
+class CalibrationWork(WorkFolder):
+    """``qtool calibrate``'s resume folder: each finished layer's statistics (exact: float64
+    sums, integer histograms), its MoE routing counts, hidden-state checkpoints."""
+
+    kind = "calibration"
+
+    def save_stats(
+        self,
+        i: int,
+        stats: dict[str, LinearStats],
+        routed: list[int] | None,
+        hidden: Stash | None,
+    ) -> None:
+        tensors = {f"{n}.{k}": t for n, s in stats.items() for k, t in s.to_state().items()}
+        report = {
+            "layer": i,
+            "linears": {n: s.shares_input_with for n, s in stats.items()},
+            "routed": routed,
+        }
+        self.save(i, tensors, [report], hidden)
+
+    def layer_stats(self, i: int) -> tuple[dict[str, LinearStats], list[int] | None]:
+        report = next(r for r in self.reports if r["layer"] == i)
+        tensors = self.layer_tensors(i)
+        out: dict[str, LinearStats] = {}
+        for name, shares in report["linears"].items():
+            p = name + "."
+            state = {k.removeprefix(p): t for k, t in tensors.items() if k.startswith(p)}
+            out[name] = LinearStats.from_state(name, state, shares)
+        return out, report["routed"]
+
+
 def calibrate_layerwise(
     ckpt: Checkpoint,
     ids: torch.Tensor,
@@ -537,15 +575,18 @@ def calibrate_layerwise(
     place: str | None = None,
     folder: Path | None = None,
     all_experts: bool = False,
+    work: CalibrationWork | None = None,
     world: World | None = None,
 ) -> LayerwiseResult:
     """Collect input/output statistics of every linear layer of ``ckpt`` on token ``ids``
     (``[samples, seq_len]``), one decoder layer at a time. ``place``: where the hidden states
     between layers live (device, host, disk; default: the device, or host memory when a GPU
     lacks room). MoE layers count the tokens routed to each expert; ``all_experts`` runs every
-    token through every expert for the statistics. Under torchrun (``world``, by default the
-    process's) each rank runs its shard of the samples and the statistics are combined exactly:
-    every rank returns the single-process result."""
+    token through every expert for the statistics. ``work``: the resume folder (each layer's
+    statistics, hidden-state checkpoints); a run it holds continues from its last checkpoint.
+    Under torchrun (``world``, by default the process's) each rank runs its shard of the samples
+    and the statistics are combined exactly: every rank gets the single-process result (on
+    resume, rank 0 alone reads the finished layers' statistics)."""
     t0 = time.perf_counter()
     device = device or pick_device()
     progress = progress or SILENT
@@ -564,7 +605,13 @@ def calibrate_layerwise(
     )
     try:
         return _calibrate(
-            session, ids, t0, hessian=hessian, lm_head=lm_head, all_experts=all_experts
+            session,
+            ids,
+            t0,
+            hessian=hessian,
+            lm_head=lm_head,
+            all_experts=all_experts,
+            work=work,
         )
     finally:
         session.close()
@@ -578,6 +625,7 @@ def _calibrate(
     hessian: bool,
     lm_head: bool,
     all_experts: bool = False,
+    work: CalibrationWork | None = None,
 ) -> LayerwiseResult:
     from qtool.runner.moe import set_all_experts, take_routed
 
@@ -593,7 +641,20 @@ def _calibrate(
     ends = session.group_end
     stats: dict[str, LinearStats] = {}
     routed: dict[int, list[int]] = {}
-    for i in range(session.n_layers):
+    start = 0
+    if work is not None and work.hidden_at:
+        # statistics depend only on a layer's inputs: continue from the last checkpoint
+        start = work.hidden_at
+        progress.info(f"resuming at layer {start} of {session.n_layers} from {work.path}")
+        work.load_hidden(session.hidden, session.shards())
+        work.reports = [r for r in work.reports if r["layer"] < start]
+        for i in range(start if world.is_main else 0):  # only rank 0 writes them out
+            layer_stats, counts = work.layer_stats(i)
+            stats.update(layer_stats)
+            if counts is not None:
+                routed[i] = counts
+    every = checkpoint_every(session)
+    for i in range(start, session.n_layers):
         s0 = time.perf_counter()
         name = f"layer {i}"
         die_here(i)
@@ -621,10 +682,15 @@ def _calibrate(
                     else "check the weights",
                 ) from e
             finally:
-                stats.update(col.detach())
+                layer_stats = col.detach()
+                stats.update(layer_stats)
                 counts = take_routed(layer)
             if counts is not None:
                 routed[i] = world.sum_ints(counts)
+        if work is not None:
+            last = i + 1 == session.n_layers
+            checkpoint = not last and (i + 1) % every == 0
+            work.save_stats(i, layer_stats, routed.get(i), session.hidden if checkpoint else None)
         stage_s[name] = time.perf_counter() - s0
         progress.stage_done(name, stage_s[name])
 

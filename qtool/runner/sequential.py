@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 import re
 import resource
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,18 +37,15 @@ from qtool import __version__
 from qtool.calibrate.stats import HessianAccumulator
 from qtool.calibrate.statsfile import model_identity
 from qtool.checkpoint import Checkpoint
-from qtool.errors import BadInputError, OutputError, QToolError
+from qtool.errors import BadInputError, QToolError
 from qtool.events import SILENT, Reporter
 from qtool.grids.base import Grid, QuantizedTensor
-from qtool.io import atomic_dir, save_tensors, write_text
 from qtool.methods.gptq import GPTQConfig, GPTQResult, gptq_quantize
-from qtool.runner.dist import World, assign, die_here, shard
+from qtool.runner.dist import World, assign, die_here
 from qtool.runner.layers import DTYPES, Session, pick_device
 from qtool.runner.moe import MIN_EXPERT_TOKENS, moe_blocks, set_all_experts, take_routed
 from qtool.runner.stash import Stash
-
-STATE = "state.json"
-WORK_VERSION = 2
+from qtool.runner.workdir import WorkFolder, checkpoint_every
 
 
 class _StopLayer(Exception):
@@ -106,85 +100,12 @@ def _key(name: str, grid: str) -> str:
     return f"{name}@{grid}"
 
 
-class WorkDir:
-    """Per-layer results, the hidden states entering the next layer, and ``state.json`` naming
-    the run (model, samples, options, grids) and how many layers are done. Every file is written
-    to a temporary name and renamed; ``state.json`` goes last, so a run killed at any moment
-    leaves a consistent directory.
+class WorkDir(WorkFolder):
+    """GPTQ's resume folder: each finished layer's quantized weights (every grid), the reports,
+    and the hidden-state checkpoints (:class:`~qtool.runner.workdir.WorkFolder`; under
+    torchrun rank 0 keeps it for every rank)."""
 
-    Under torchrun only rank 0 reads and writes the folder (it may be on rank 0's machine
-    alone): the other ranks get its state, send it their hidden states for a checkpoint, and
-    receive theirs and the recomputed layers' codes on resume. Hidden-state files are numbered by
-    batch among all, so a run resumes with any number of processes."""
-
-    def __init__(self, path: Path, run: dict[str, Any], world: World | None = None) -> None:
-        self.path = path
-        self.run = run
-        self.world = world if world is not None else World()
-        self.layers_done = 0
-        self.hidden_at = 0  # the layer whose input hidden states the folder holds
-        self.reports: list[dict[str, Any]] = []
-
-    @classmethod
-    def open(
-        cls, path: Path, run: dict[str, Any], *, resume: bool, world: World | None = None
-    ) -> WorkDir:
-        w = world if world is not None else World()
-        if not w.active:
-            return cls._open(path, run, resume=resume)
-        state = w.on_main(
-            lambda: cls._open(path, run, resume=resume),
-            share=lambda wd: [wd.layers_done, wd.hidden_at, wd.reports],
-        )
-        if w.is_main:
-            state.world = w
-            return state  # type: ignore[no-any-return]
-        work = cls(path, run, w)
-        work.layers_done, work.hidden_at, work.reports = state
-        return work
-
-    @classmethod
-    def _open(cls, path: Path, run: dict[str, Any], *, resume: bool) -> WorkDir:
-        work = cls(path, run)
-        state_file = path / STATE
-        if not state_file.exists():
-            if path.exists() and any(path.iterdir()):
-                raise BadInputError(
-                    f"{path}: not an empty directory and not a qtool GPTQ run",
-                    hint="pass an empty or new directory to --resume",
-                )
-            try:
-                path.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise OutputError(f"{path}: cannot create the work directory ({e.strerror})") from e
-            return work
-        try:
-            state = json.loads(state_file.read_text())
-        except (OSError, ValueError) as e:
-            raise BadInputError(
-                f"{state_file}: unreadable ({e})", hint="delete the directory"
-            ) from e
-        if not resume:
-            raise BadInputError(
-                f"{path} holds an interrupted GPTQ run ({state.get('layers_done', 0)} layers done)",
-                hint=f"continue it with --resume {path}, or delete the directory",
-            )
-        diff = _diff(state.get("run", {}), run)
-        if diff:
-            raise BadInputError(
-                f"--resume {path}: that directory is from another run (differs in {diff})",
-                hint="rerun with the options of the interrupted run, or use a new directory",
-            )
-        work.layers_done = int(state["layers_done"])
-        work.hidden_at = int(state.get("hidden_at", 0))
-        work.reports = list(state.get("reports", []))
-        return work
-
-    def layer_file(self, i: int) -> Path:
-        return self.path / f"layer_{i:04d}.safetensors"
-
-    def hidden_dir(self, i: int) -> Path:
-        return self.path / f"hidden_{i:04d}"
+    kind = "GPTQ"
 
     def save_layer(
         self,
@@ -193,73 +114,11 @@ class WorkDir:
         reports: list[LinearReport],
         hidden: Stash | None,
     ) -> None:
-        """Layer ``i``'s results; with ``hidden``, a checkpoint of the hidden states entering
-        layer ``i + 1`` (one file per batch, so a big cache never has to be in memory at once).
-        ``state.json`` goes last. Under torchrun every rank calls this; rank 0 writes."""
-        world = self.world
-        if world.is_main:
-            tensors: dict[str, torch.Tensor] = {}
-            for grid_key, w in weights:
-                for field_name, t in w.state().items():
-                    tensors[f"{_key(w.name, grid_key)}.{field_name}"] = t.contiguous()
-            save_tensors(tensors, self.layer_file(i))
-        old = self.hidden_at
-        if hidden is not None:
-            if not world.is_main:  # rank 0 writes every rank's batches, in order
-                world.send_bytes(str(len(hidden)).encode(), 0)
-                for j in range(len(hidden)):
-                    world.send_tensor(hidden[j], 0)
-            else:
-                with atomic_dir(self.hidden_dir(i + 1)) as tmp:
-                    meta: list[dict[str, Any]] = []
-                    for r in range(world.size):
-                        n = len(hidden) if r == 0 else int(world.recv_bytes(r))
-                        for j in range(n):
-                            t = hidden[j] if r == 0 else world.recv_tensor(r)
-                            t = t.detach().to("cpu").contiguous()
-                            (tmp / f"{len(meta):06d}.bin").write_bytes(
-                                t.reshape(-1).view(torch.uint8).numpy().tobytes()
-                            )
-                            meta.append({"shape": list(t.shape), "dtype": str(t.dtype)})
-                    (tmp / "meta.json").write_text(json.dumps(meta))
-            self.hidden_at = i + 1
-        self.layers_done = i + 1
-        self.reports.extend(r.__dict__ for r in reports)
-        if not world.is_main:
-            return
-        state = {
-            "version": WORK_VERSION,
-            "run": self.run,
-            "layers_done": self.layers_done,
-            "hidden_at": self.hidden_at,
-            "reports": self.reports,
-        }
-        write_text(self.path / STATE, json.dumps(state, indent=1))
-        if hidden is not None and old != self.hidden_at:
-            shutil.rmtree(self.hidden_dir(old), ignore_errors=True)
-
-    def load_hidden(self, into: Stash, shards: list[range] | None = None) -> Stash:
-        """The checkpointed hidden states (entering layer ``hidden_at``), batch by batch: this
-        rank's shard of them (``shards``: every rank's batches; rank 0 reads and sends)."""
-        into.clear()
-        world = self.world
-        if not world.is_main:
-            assert shards is not None
-            for _ in shards[world.rank]:
-                into.append(world.recv_tensor(0))
-            return into
-        folder = self.hidden_dir(self.hidden_at)
-        meta = json.loads((folder / "meta.json").read_text())
-        owner = {j: r for r, sh in enumerate(shards or [range(len(meta))]) for j in sh}
-        for j, m in enumerate(meta):
-            dtype = getattr(torch, m["dtype"].removeprefix("torch."))
-            data = bytearray((folder / f"{j:06d}.bin").read_bytes())
-            t = torch.frombuffer(data, dtype=dtype).reshape(m["shape"])
-            if owner.get(j, 0) == 0:
-                into.append(t)
-            else:
-                world.send_tensor(t, owner[j])
-        return into
+        tensors: dict[str, torch.Tensor] = {}
+        for grid_key, w in weights:
+            for field_name, t in w.state().items():
+                tensors[f"{_key(w.name, grid_key)}.{field_name}"] = t
+        self.save(i, tensors, [r.__dict__ for r in reports], hidden)
 
     def shared_weights(
         self, layers: range, grids: dict[str, Grid]
@@ -268,12 +127,9 @@ class WorkDir:
         their bytes): what a resumed run needs to recompute those layers' outputs."""
         if not self.world.active:
             return self.weights(layers.stop, grids)
-        from safetensors.torch import load
-
         out: dict[tuple[str, str], Callable[[], QuantizedTensor]] = {}
         for i in layers:
-            data = self.layer_file(i).read_bytes() if self.world.is_main else None
-            tensors = load(self.world.broadcast_bytes(data))
+            tensors = self.shared_tensors(i)
             for k in sorted({k.rsplit(".", 1)[0] for k in tensors}):
                 name, grid_key = k.rsplit("@", 1)
                 state = {
@@ -317,19 +173,6 @@ def _loader(path: Path, name: str, grid: Grid) -> Callable[[], QuantizedTensor]:
         return grid.restore(name, state)
 
     return load
-
-
-def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str:
-    keys = sorted(set(a) | set(b))
-    for k in keys:
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            d = _diff(va, vb, f"{prefix}{k}.")
-            if d:
-                return d
-        elif va != vb:
-            return f"{prefix}{k}: {va} -> {vb}"
-    return ""
 
 
 def run_identity(
@@ -620,12 +463,6 @@ class SequentialResult:
     peak_device_bytes: int = 0
 
 
-# Hidden states are checkpointed every k layers, k such that a checkpoint is at most this big
-# (every layer for a small model; every few for a 70B model with 128 x 2048 tokens, 4.3 GB in
-# bfloat16): a resumed run recomputes the few layers since the last one from their saved codes.
-CHECKPOINT_BYTES = 1 << 30
-
-
 def _hessian_error(d: torch.Tensor, h: torch.Tensor) -> float:
     """``||D X||^2`` up to the factor ``n/2``: ``sum((D H) * D)``."""
     return float(((d @ h) * d).sum().clamp_min(0))
@@ -660,7 +497,7 @@ def gptq_model(
         dtype=dtype,
         batch_size=opts.batch_size,
         place=opts.place,
-        folder=_stash_folder(work) if opts.place == "disk" else None,
+        folder=work.stash_folder() if opts.place == "disk" else None,
         reporter=reporter,
         world=world,
     )
@@ -670,22 +507,8 @@ def gptq_model(
         session.close()
 
 
-def _stash_folder(work: WorkDir) -> Path:
-    """Where the disk-placed caches go: the work directory (one folder per rank)."""
-    w = work.world
-    return work.path / "stash" / f"rank{w.rank}" if w.active else work.path / "stash"
-
-
 def _checkpoint_every(session: Session, opts: SequentialOptions) -> int:
-    if opts.checkpoint_every is not None:
-        return max(1, opts.checkpoint_every)
-    env = os.environ.get("QTOOL_CHECKPOINT_EVERY")
-    if env:
-        return max(1, int(env))
-    tokens = sum(int(b.numel()) for b in session.batches)
-    hidden = int(session.ckpt.config.get("hidden_size") or 0) or 1
-    nbytes = tokens * hidden * torch.tensor([], dtype=session.dtype).element_size()
-    return max(1, math.ceil(nbytes / CHECKPOINT_BYTES))
+    return checkpoint_every(session, opts.checkpoint_every)
 
 
 def _gptq_session(
@@ -707,8 +530,7 @@ def _gptq_session(
     if start:
         reporter.info(f"resuming at layer {start} of {n_layers} from {work.path}")
         if work.hidden_at:
-            shards = [shard(session.n_total, r, world.size) for r in range(world.size)]
-            work.load_hidden(session.hidden, shards)
+            work.load_hidden(session.hidden, session.shards())
         saved = work.shared_weights(range(work.hidden_at, start), all_grids) if propagate else {}
         for i in range(work.hidden_at, start):  # recompute from the last hidden checkpoint
             s0 = time.perf_counter()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -15,8 +17,6 @@ def small_tokenizer(src: Path, dst: Path, n: int = TINY_VOCAB) -> None:
     """SmolLM2's byte-level BPE cut to its first ``n`` ids: the same pre-tokenizer, every byte
     symbol, and the merges that stay inside the cut. Its check-text ids change with the cut,
     so exports name the pre-tokenizer (``--tokenizer-pre smollm``)."""
-    import json
-
     data = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
     vocab = {t: i for t, i in data["model"]["vocab"].items() if i < n}
     merges = []
@@ -28,6 +28,137 @@ def small_tokenizer(src: Path, dst: Path, n: int = TINY_VOCAB) -> None:
     data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < n]
     (dst / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
     shutil.copy(src / "tokenizer_config.json", dst / "tokenizer_config.json")
+
+
+# Llama 3.1's rope scaling with a short original context, so that at test lengths many
+# rotary dimensions are scaled (the real models: original_max_position_embeddings 8192).
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 256,
+}
+# Phi-3.5 / Phi-4-mini "longrope": per-dimension factors, short ones up to the original
+# context, long ones beyond it (shaped like the published lists: near 1 for the fast
+# dimensions, growing for the slow ones).
+PHI3_ORIG_CTX = 64
+
+
+def longrope(n: int) -> dict[str, object]:
+    ramp = np.linspace(0.0, 1.0, n)
+    return {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [round(float(1.0 + 1.8 * x**2), 4) for x in ramp],
+        "long_factor": [round(float(1.0 + 63.0 * x**3), 4) for x in ramp],
+    }
+
+
+def family_configs(tf: Any, common: dict[str, object]) -> dict[str, Any]:
+    """Tiny configs of the dense families with their real config features."""
+
+    def c(**kw: object) -> dict[str, object]:
+        return {**common, **kw}
+
+    return {
+        "llama3": lambda: tf.LlamaConfig(
+            **c(tie_word_embeddings=False, rope_parameters=dict(LLAMA3_ROPE))
+        ),
+        "mistral": lambda: tf.MistralConfig(
+            **c(
+                tie_word_embeddings=False,
+                sliding_window=None,
+                head_dim=64,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            )
+        ),
+        # Phi-4-mini-like: longrope with a partial rotary dimension (0.75 of 64 -> 24 factors)
+        "phi3-longrope": lambda: tf.Phi3Config(
+            **c(
+                pad_token_id=0,
+                tie_word_embeddings=False,
+                max_position_embeddings=4096,
+                original_max_position_embeddings=PHI3_ORIG_CTX,
+                partial_rotary_factor=0.75,
+                rope_parameters={**longrope(24), "partial_rotary_factor": 0.75},
+            )
+        ),
+        # Gemma 2: soft-capped attention and logits, sliding window every other layer; larger
+        # weights and small caps so that the caps change the outputs of a random model.
+        "gemma2": lambda: tf.Gemma2Config(
+            **c(
+                head_dim=64,
+                query_pre_attn_scalar=64,
+                sliding_window=32,
+                attn_logit_softcapping=5.0,
+                final_logit_softcapping=3.0,
+                initializer_range=0.1,
+                bos_token_id=2,
+                eos_token_id=1,
+                pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            )
+        ),
+        "olmo2": lambda: tf.Olmo2Config(
+            **c(
+                tie_word_embeddings=False,
+                rms_norm_eps=1e-6,
+                pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+            )
+        ),
+        # Granite 3.x 2B's multipliers (attention 1/64 for its 64-wide heads)
+        "granite": lambda: tf.GraniteConfig(
+            **c(
+                tie_word_embeddings=True,
+                embedding_multiplier=12.0,
+                residual_multiplier=0.22,
+                attention_multiplier=0.015625,
+                logits_scaling=8.0,
+                rms_norm_eps=1e-5,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            )
+        ),
+        # SmolLM3: every 4th layer without RoPE, so 4 layers
+        "smollm3": lambda: tf.SmolLM3Config(
+            **c(
+                num_hidden_layers=4,
+                tie_word_embeddings=True,
+                pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 5000000.0},
+            )
+        ),
+    }
+
+
+def spm_tokenizer(dst: Path, text: Path, n: int = TINY_VOCAB) -> Path:
+    """A SentencePiece BPE tokenizer (``tokenizer.model``) of ``n`` pieces trained on ``text``,
+    with Gemma's special ids (pad 0, eos 1, bos 2, unk 3) and byte fallback: the kind of
+    vocabulary llama.cpp's converter reads with sentencepiece (Gemma 2's ``tokenizer.model``)."""
+    import io
+
+    import sentencepiece as spm
+
+    dst.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    lines = [ln for ln in text.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        vocab_size=n,
+        model_type="bpe",
+        byte_fallback=True,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        num_threads=1,
+        minloglevel=2,
+    )
+    (dst / "tokenizer.model").write_bytes(buf.getvalue())
+    return dst
 
 
 def build_tiny(
@@ -62,6 +193,7 @@ def build_tiny(
             layer_types=["sliding_attention", "full_attention"],
         ),
         "phi3": lambda: tf.Phi3Config(**common, pad_token_id=0, tie_word_embeddings=False),
+        **family_configs(tf, common),
     }
     cfg = configs[arch]()
     for k, v in overrides.items():
@@ -71,13 +203,25 @@ def build_tiny(
     with torch.no_grad():  # norms away from 1 so a missing +1 or permutation would show
         for p in model.parameters():
             if p.ndim == 1:
-                p.copy_(torch.rand_like(p) * 0.5 + (0.0 if arch == "gemma3" else 0.75))
+                offset = 0.0 if arch.startswith(("gemma2", "gemma3")) else 0.75
+                p.copy_(torch.rand_like(p) * 0.5 + offset)
     model.save_pretrained(path, safe_serialization=True)
-    if full_vocab:
+    if (tokenizer_dir / "tokenizer.model").is_file():  # a SentencePiece tokenizer folder
+        for f in ("tokenizer.model", "tokenizer_config.json"):
+            if (tokenizer_dir / f).is_file():
+                shutil.copy(tokenizer_dir / f, path / f)
+    elif full_vocab:
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(tokenizer_dir / f, path / f)
     else:
         small_tokenizer(tokenizer_dir, path)
+    if arch.startswith("phi3"):
+        # Phi-4's tokenizer class: llama.cpp's Phi-3 converter reads a byte-level BPE
+        # tokenizer.json only for GPT2Tokenizer (else it wants Phi-3's tokenizer.model).
+        tc = path / "tokenizer_config.json"
+        data = json.loads(tc.read_text(encoding="utf-8"))
+        data["tokenizer_class"] = "GPT2Tokenizer"
+        tc.write_text(json.dumps(data), encoding="utf-8")
     return path
 
 
@@ -137,6 +281,37 @@ def llama_quantize(
         p.tt_overrides = ctypes.cast(ov, type(p.tt_overrides))
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
     assert rc == 0, f"llama_model_quantize failed ({rc})"
+
+
+def llama_quantize_types(src: Path, preset: str) -> dict[str, str]:
+    """{tensor: type} llama-quantize chooses for ``src`` (``llama_model_quantize`` with
+    ``dry_run``: nothing read but the header, nothing written), from llama.cpp's log."""
+    import re
+
+    import llama_cpp
+    from llama_cpp import _logger
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback  # type: ignore[misc]
+    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        lines.append(text.decode("utf-8", "replace"))
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = llama_ftype(preset)
+    p.dry_run = True
+    p.nthread = 1
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        out = str(src.with_suffix(".dry-run.gguf")).encode()
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), out, ctypes.byref(p))
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    assert rc == 0, "".join(lines)[-2000:]
+    # "[  12/ 147] blk.0.attn_k.weight - [ 2048, 512, 1, 1], type = f16, size = ... (q4_K)"
+    rule = r"\]\s+(\S+)\s+- \[[^\]]*\], type =\s+(\w+), size =[^\n]*?(?:\((\w+)\))?\n"
+    found = re.finditer(rule, "".join(lines))
+    return {m.group(1): (m.group(3) or m.group(2)).upper() for m in found}
 
 
 def gguf_tensors(path: Path) -> dict[str, tuple[str, bytes]]:

@@ -75,7 +75,11 @@ def test_unsupported_architecture(cli, tiny: Path, tmp_path: Path) -> None:
     cfg["model_type"] = "gpt_bigcode"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     r = cli("export", tmp_path, *TP, "--outtype", "F16", "-o", tmp_path / "o.gguf")
-    one_line(r, 2, "'gpt_bigcode' is not supported", "supported: ", "llama", "qwen2", "gemma3")
+    families = ["llama", "qwen2", "gemma2", "gemma3", "phi3", "olmo2", "granite", "smollm3"]
+    one_line(r, 2, "'gpt_bigcode' is not supported", "supported: ", *families,
+             "README 'Adding a model family'")  # fmt: skip
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    assert "\n### Adding a model family\n" in readme
 
 
 def test_tokenizer_that_cannot_be_converted(cli, tiny: Path, tmp_path: Path) -> None:

@@ -19,13 +19,13 @@ import torch
 from qtool.checkpoint import open_checkpoint
 from qtool.grids.affine import QuantScheme
 from qtool.runner.sequential import (
-    STATE,
     SequentialOptions,
     WorkDir,
     discover,
     gptq_model,
     run_identity,
 )
+from qtool.runner.workdir import STATE
 from tests.conftest import make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
@@ -211,7 +211,7 @@ def test_resume_from_another_run_refused(cli, deep_tok: Path, tmp_path: Path) ->
     work = tmp_path / "work"
     grids = _grids(ckpt, QuantScheme(3, group_size=64))
     wd = WorkDir.open(work, run_identity(ckpt, _ids(), opts, grids), resume=False)
-    wd.save_layer(0, [], [torch.zeros(1)], [])
+    wd.save_layer(0, [], [], None)
     r = cli(*_cmd(deep_tok, tmp_path / "o", "--resume", str(work))[3:])
     assert r.exit_code == 2
     assert "another run" in r.stderr

@@ -1,0 +1,56 @@
+"""A run whose hidden-state cache is larger than ``--max-memory`` stays under it.
+
+A synthetic Llama at a small width is calibrated on enough tokens that the hidden states alone
+(tokens x hidden x 4 bytes) exceed the cap; the memory plan must put them (and GPTQ's saved
+layer inputs) on memory-mapped disk, and the child's peak RSS (``ru_maxrss`` from ``wait4``)
+must stay under the cap. Marked slow: a million tokens through the layers takes minutes on two
+cores (figures in the README's scale section).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.calibrate.test_calibrate_memory import GIB, peak_rss_of, write_synthetic_llama
+
+HIDDEN, SAMPLES, SEQ = 256, 1000, 1024
+CAP = int(0.9 * GIB)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory, assets) -> Path:
+    model = tmp_path_factory.mktemp("cap") / "synthetic"
+    write_synthetic_llama(model, hidden=HIDDEN, intermediate=512, layers=1)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(assets.smollm2_hf / name, model / name)
+    return model
+
+
+def _run(args: list[str]) -> tuple[int, int, str]:
+    cache = SAMPLES * SEQ * HIDDEN * 4
+    assert cache > CAP, "the hidden-state cache must exceed the cap"
+    cmd = [sys.executable, "-m", "qtool", *args, "-d", "canterbury", "-n", str(SAMPLES),
+           "-L", str(SEQ), "--device", "cpu", "--compute-dtype", "float32",
+           "--max-memory", str(CAP)]  # fmt: skip
+    code, peak, err = peak_rss_of(cmd)
+    print(f"\nhidden-state cache {cache / GIB:.2f} GiB, cap {CAP / GIB:.2f} GiB, "
+          f"peak RSS {peak / GIB:.2f} GiB")  # fmt: skip
+    return code, peak, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["calibrate", "gptq"])
+def test_cache_larger_than_the_cap(synthetic: Path, tmp_path: Path, command: str) -> None:
+    if command == "calibrate":
+        args = ["calibrate", str(synthetic), "-o", str(tmp_path / "s.safetensors")]
+    else:
+        args = ["quantize", str(synthetic), "--method", "gptq", "--bits", "4", "-g", "128",
+                "-o", str(tmp_path / "q")]  # fmt: skip
+    code, peak, err = _run(args)
+    assert code == 0, err[-2000:]
+    assert "disk" in err, "the plan should have put the caches on disk"
+    assert peak < CAP, f"peak RSS {peak / GIB:.2f} GiB over the {CAP / GIB:.2f} GiB cap"

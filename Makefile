@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install assets assets-gemma demo test test-slow check bench bench-quantize bench-peers clean
+.PHONY: install assets assets-gemma demo test test-slow check bench bench-quantize bench-peers bench-dist clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,12 @@ bench-quantize: assets-gemma
 BENCH_PEERS_ARGS ?=
 bench-peers: assets
 	$(PY) scripts/bench_peers.py $(BENCH_PEERS_ARGS) --out bench-peers-smollm2.json
+
+# --nproc 2 (two gloo processes) against one process on the CPU: GPTQ and calibration on
+# SmolLM2-135M, speed-up and byte equality of the outputs, one run. BENCH_DIST_ARGS=--quick.
+BENCH_DIST_ARGS ?=
+bench-dist: assets
+	$(PY) scripts/bench_dist.py $(BENCH_DIST_ARGS) --out bench-dist-smollm2.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -47,3 +47,8 @@ class UnsupportedError(BadInputError):
 
 class OutputError(QToolError):
     """The output cannot be written (read-only location, full disk). Exit code 1."""
+
+
+class PeerError(QToolError):
+    """Under torchrun: another rank stopped (died, failed or was stopped) while this one waited
+    for it in a collective. Exit code 1."""

@@ -49,3 +49,18 @@ def install() -> None:
         previous(u)
 
     sys.unraisablehook = hook
+
+
+class Stopped(BaseException):
+    """SIGTERM under torchrun: the launcher stops every worker when one fails. A BaseException,
+    like KeyboardInterrupt, so that cleanup (atomic writers) runs and nothing catches it."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: cleanup and exit run undisturbed
+    raise Stopped
+
+
+def install_sigterm() -> None:
+    """Torchrun workers: SIGTERM raises :class:`Stopped` (temporary files are removed)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)

@@ -28,6 +28,7 @@ from rich.progress import (
 )
 
 from qtool.events import Reporter, Task
+from qtool.runner import ranks
 
 
 @dataclass
@@ -58,6 +59,8 @@ class Output:
     def result(self, data: dict[str, Any], render: Any = None) -> None:
         """Print a command's result: ``data`` as JSON in --json mode, else ``render`` (a rich
         renderable or a callable taking the stdout console)."""
+        if ranks.launched() and ranks.rank() != 0:
+            return  # torchrun: rank 0 prints the run's result
         if self.json_mode:
             sys.stdout.write(json.dumps(jsonable(data), indent=2) + "\n")
             sys.stdout.flush()

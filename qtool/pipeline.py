@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from qtool.checkpoint import Checkpoint
-from qtool.errors import BadInputError, UnsupportedError
+from qtool.errors import BadInputError, PeerError, UnsupportedError
 from qtool.events import SILENT, Reporter
 from qtool.models import Family, family_for
 from qtool.recipe import (
@@ -547,20 +547,31 @@ def run(
     if any(o.path is None for o in plan.outputs):
         raise BadInputError("no output path", hint="pass -o PATH, or --dry-run")
     from qtool.io import check_writable
+    from qtool.runner import dist
 
-    for o in plan.outputs:
-        assert o.path is not None
-        check_writable(o.path, folder=o.format != "gguf")
-        _refuse_overwriting_source(ckpt, o.path)
+    world = dist.world()  # torchrun: every rank runs this; rank 0 alone writes
+    world.agree(dist.software() | {"the recipe": data["recipe"]})
+
+    def writable() -> None:
+        for o in plan.outputs:
+            assert o.path is not None
+            check_writable(o.path, folder=o.format != "gguf")
+            _refuse_overwriting_source(ckpt, o.path)
+
+    world.on_main(writable)
     ctx = Context(plan, hf_view(ckpt, plan.family))
     _statistics(ctx, opts, reporter)
     _transforms(ctx)
     work = _gptq(ctx, opts, reporter)
+    if not world.is_main:
+        return {**data, "rank": world.rank}
     results = [_write(ctx, o, opts, reporter) for o in plan.outputs]
     if work is not None:
         shutil.rmtree(work, ignore_errors=True)
     data["outputs"] = results
     data["seconds"] = round(time.perf_counter() - t0, 2)
+    if world.active:
+        data["processes"] = world.size
     if ctx.compute:
         data["gptq"] = ctx.compute
     if ctx.reports:
@@ -739,16 +750,24 @@ def _gptq(ctx: Context, opts: RunOptions, reporter: Reporter) -> Path | None:
     first = ctx.plan.outputs[0].path
     assert first is not None
     work_path = opts.resume or first.with_name(first.name + ".qtool-gptq")
-    work = WorkDir.open(work_path, identity, resume=opts.resume is not None or opts.resume_all)
+    from qtool.runner import dist
+
+    world = dist.world()
+    work = WorkDir.open(
+        work_path, identity, resume=opts.resume is not None or opts.resume_all, world=world
+    )
     if opts.resume is None:
         reporter.info(
             f"checkpoints in {work_path}; if interrupted, rerun with --resume {work_path}"
         )
+    dist.note_resume(work_path)
     fresh = work.layers_done == 0
     try:
         res = gptq_model(ctx.hf, ids, jobs, seq, work, reporter=reporter)
+    except PeerError as e:
+        raise PeerError(e.message, hint=f"rerun with --resume {work_path}") from e
     except BadInputError:
-        if fresh:  # bad input will fail the same way again: nothing worth resuming
+        if fresh and world.is_main:  # bad input will fail the same way again: nothing to resume
             shutil.rmtree(work_path, ignore_errors=True)
         raise
     ctx.gptq = res.weights

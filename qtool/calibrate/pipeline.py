@@ -34,7 +34,7 @@ from qtool.calibrate.statsfile import (
     sample_weights,
 )
 from qtool.checkpoint import Checkpoint, open_checkpoint
-from qtool.errors import BadInputError, UnsupportedError
+from qtool.errors import BadInputError, PeerError, UnsupportedError
 from qtool.events import SILENT, Reporter
 from qtool.models.spec import ModelSpec
 from qtool.runner.layers import (
@@ -195,7 +195,7 @@ def calibrate(
         progress=progress,
         all_experts=opts.all_experts,
         place=mem.placement,
-        folder=None if work is None else work.path / "stash",
+        folder=None if work is None else work.stash_folder(),
         work=work,
     )
     sample_names, sample = sample_weights(prep.ckpt)
@@ -337,20 +337,32 @@ def run_calibrate(
     """``qtool calibrate``: samples, statistics, the stats file (``output``, default
     ``./MODEL.calib.safetensors``) and the imatrix (``imatrix``), both written or neither.
     Per-layer results and hidden-state checkpoints go to a work folder beside the stats file
-    (``STATS.qtool-calibrate``), removed on success; ``resume`` continues the run it holds."""
+    (``STATS.qtool-calibrate``), removed on success; ``resume`` continues the run it holds.
+    Under torchrun every rank calls this; rank 0 writes and returns the full result."""
+    from dataclasses import asdict
+
     from qtool.calibrate.imatrix import save_imatrix
     from qtool.calibrate.stats import outlier_rows
     from qtool.calibrate.statsfile import save_stats
     from qtool.io import check_writable
+    from qtool.runner import dist
 
-    stats_path = output or Path(f"{_stem(src)}.calib.safetensors")
-    check_writable(stats_path)
-    if imatrix is not None:
-        check_writable(imatrix)
-        if imatrix.expanduser().resolve() == stats_path.expanduser().resolve():
-            raise BadInputError(f"--imatrix {imatrix}: the same path as the stats file")
     if top < 0 or outlier_factor <= 1:
         raise BadInputError("--top must be >= 0 and --outlier-factor > 1")
+    stats_path = output or Path(f"{_stem(src)}.calib.safetensors")
+    world = dist.world()  # torchrun: every rank runs this; rank 0 alone writes
+    world.agree(
+        dist.software() | {"the options": {**asdict(opts), "imatrix_output": imatrix_output}}
+    )
+
+    def writable() -> None:
+        check_writable(stats_path)
+        if imatrix is not None:
+            check_writable(imatrix)
+            if imatrix.expanduser().resolve() == stats_path.expanduser().resolve():
+                raise BadInputError(f"--imatrix {imatrix}: the same path as the stats file")
+
+    world.on_main(writable)
     t0 = time.perf_counter()
     prep = prepare(src, opts, revision=revision)
     for note in prep.notes:
@@ -373,17 +385,22 @@ def run_calibrate(
     )
     work_path = resume or stats_path.with_name(stats_path.name + ".qtool-calibrate")
     work = CalibrationWork.open(
-        work_path, calibration_identity(prep, opts), resume=resume is not None
+        work_path, calibration_identity(prep, opts), resume=resume is not None, world=world
     )
     if resume is None:
         reporter.info(f"checkpoints in {work_path}; if interrupted: --resume {work_path}")
+    dist.note_resume(work_path)
     fresh = work.layers_done == 0
     try:
         cal = calibrate(prep, opts, progress=reporter, work=work)
+    except PeerError as e:
+        raise PeerError(e.message, hint=f"rerun with --resume {work_path}") from e
     except BadInputError:
-        if fresh:  # bad input fails the same way again: nothing worth resuming
+        if fresh and world.is_main:  # bad input fails the same way again: nothing to resume
             shutil.rmtree(work_path, ignore_errors=True)
         raise
+    if not world.is_main:  # rank 0 writes (on resume only it holds the earlier layers)
+        return {"rank": world.rank}, cal
     for r in coverage(cal.meta["moe"])["layers"] if cal.meta.get("moe") else []:
         if r["starved"]:
             reporter.warn(
@@ -413,6 +430,7 @@ def run_calibrate(
         "device": cal.meta["device"],
         "dtype": cal.meta["dtype"],
         "seconds": round(time.perf_counter() - t0, 2),
+        **({"processes": world.size} if world.active else {}),
         "outlier_factor": outlier_factor,
         "outliers": rows,
         **({"experts": coverage(cal.meta["moe"])} if cal.meta.get("moe") else {}),

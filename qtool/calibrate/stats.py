@@ -18,11 +18,17 @@ For the **output**: per-channel ``absmax`` and tensor ``min``/``max`` (static ou
 the KV-cache scales from ``k_proj``/``v_proj``).
 
 Sums are accumulated in float64, the rest in float32, on the layer's device; only the current
-layer's accumulators live there (they move to the CPU when its layer is done).
+layer's accumulators live there (they move to the CPU when its layer is done). Sums restart at
+every group of consecutive batches (:func:`qtool.runner.dist.groups`) and each group's sum is
+added *exactly* into a float64 pair (:func:`fold`): the totals are then independent of how the
+groups were spread over processes (``torchrun``), so one process and several give the same
+bits. Counts and histograms are integers, extremes are exact, and :meth:`StatsCollector.reduce`
+combines the ranks' in a fixed order.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -44,6 +50,28 @@ class NonFiniteError(QToolError):
     """An activation was inf or nan (overflow in a low-precision forward, or broken weights)."""
 
 
+def fold(hi: torch.Tensor, lo: torch.Tensor, p: torch.Tensor) -> None:
+    """``hi + lo += p`` exactly (float64 ``hi``, ``lo``): Knuth's TwoSum splits ``hi + p``
+    into its rounded sum and the exact rounding error, which goes into ``lo``. The pair then
+    holds the exact sum of everything folded in as long as ``lo``'s own additions are exact:
+    the ``n`` values added to one entry must lie within about ``2^(53 - 2 log2 n)`` of each
+    other in magnitude (float64 partials; ``2^(82 - 2 log2 n)`` for float32 ones, GPTQ's),
+    with ``n`` at most :data:`qtool.runner.dist.GROUPS` plus the ranks. Exact sums do not
+    depend on the order of the additions."""
+    p = p.to(torch.float64)
+    s = hi + p
+    b = s - hi
+    err = (hi - (s - b)).add_(p - b)
+    lo.add_(err)
+    hi.copy_(s)
+
+
+def merge(hi: torch.Tensor, lo: torch.Tensor, hi2: torch.Tensor, lo2: torch.Tensor) -> None:
+    """Add the pair ``hi2 + lo2`` into ``hi + lo`` (exactly, under :func:`fold`'s bound)."""
+    fold(hi, lo, hi2)
+    lo.add_(lo2)
+
+
 class HessianAccumulator:
     """``sum x x^T`` over every input row a layer sees, added batch by batch (the GPTQ
     reference's ``add_batch``); :meth:`hessian` returns ``2/n sum x x^T``. The one accumulator
@@ -52,7 +80,12 @@ class HessianAccumulator:
     The matrix is symmetric, so only its upper blocks are computed (at most 4 column blocks of at
     least ``BLOCK`` columns): with 4 blocks that is 10 of 16 block products, 37.5% fewer FLOPs
     on what is, with the forward itself, the cost of a GPTQ layer. ``dtype``: float32 (GPTQ's,
-    as the reference code) or float64."""
+    as the reference code) or float64.
+
+    Batches are summed in ``dtype`` within a group of consecutive batches
+    (:func:`qtool.runner.dist.groups`); :meth:`end_group` adds the group's sum *exactly* into a
+    float64 pair (:func:`fold`), so the total does not depend on how the
+    groups were spread over processes (:meth:`reduce`): one process or several, the same bits."""
 
     BLOCK = 256
 
@@ -64,7 +97,10 @@ class HessianAccumulator:
         absmax: bool = False,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.sum = torch.zeros(columns, columns, dtype=dtype, device=device)
+        self.sum = torch.zeros(columns, columns, dtype=dtype, device=device)  # this group's
+        self.hi: torch.Tensor | None = None  # the exact total so far: hi + lo (float64)
+        self.lo: torch.Tensor | None = None
+        self._pending = False
         # per-channel max |x|, for static activation scales (off unless asked: it costs a pass)
         self.absmax = torch.zeros(columns, dtype=torch.float32, device=device) if absmax else None
         self.rows = 0
@@ -81,10 +117,37 @@ class HessianAccumulator:
         if self.absmax is not None:
             self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0).float())
         self.rows += x.shape[0]
+        self._pending = True
+
+    def end_group(self) -> None:
+        """Add this group's sum exactly into the total (upper blocks only) and restart it."""
+        if self.hi is None or self.lo is None:
+            self.hi = torch.zeros(self.sum.shape, dtype=torch.float64, device=self.sum.device)
+            self.lo = torch.zeros_like(self.hi)
+        if not self._pending:
+            return
+        for a, (i0, i1) in enumerate(self.blocks):
+            for j0, j1 in self.blocks[a:]:
+                fold(self.hi[i0:i1, j0:j1], self.lo[i0:i1, j0:j1], self.sum[i0:i1, j0:j1])
+        self.sum.zero_()
+        self._pending = False
+
+    def reduce(self, world: Any) -> None:
+        """Sum over the ranks of ``world`` (:class:`qtool.runner.dist.World`): exact, every rank
+        ends with the same bits."""
+        self.end_group()
+        assert self.hi is not None and self.lo is not None
+        world.exact_sum_(self.hi, self.lo)
+        self.rows = world.sum_int(self.rows)
+        if self.absmax is not None:
+            world.all_reduce_(self.absmax, "max")
 
     def xtx(self) -> torch.Tensor:
-        """``sum x x^T`` (both triangles)."""
-        return torch.triu(self.sum) + torch.triu(self.sum, diagonal=1).T
+        """``sum x x^T`` (both triangles), in ``dtype``: the exact sum, rounded once."""
+        self.end_group()
+        assert self.hi is not None and self.lo is not None
+        total = self.hi + self.lo
+        return (torch.triu(total) + torch.triu(total, diagonal=1).T).to(self.sum.dtype)
 
     def hessian(self) -> torch.Tensor:
         if self.rows == 0:
@@ -100,12 +163,15 @@ class InputAccumulator:
     ) -> None:
         self.in_features = in_features
         self.count = 0
-        self.sum_sq = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.sum_sq = torch.zeros(in_features, dtype=torch.float64, device=device)  # this group's
+        self.sq_hi = torch.zeros_like(self.sum_sq)  # the exact total: sq_hi + sq_lo
+        self.sq_lo = torch.zeros_like(self.sum_sq)
         self.absmax = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.min = torch.full((in_features,), math.inf, dtype=torch.float32, device=device)
         self.max = torch.full((in_features,), -math.inf, dtype=torch.float32, device=device)
         self.hist = torch.zeros(bins, dtype=torch.int64, device=device)
         self.hist_range = 0.0
+        self.top = 0  # values equal to hist_range: the last bin's, until the range doubles
         self.hessian = (
             HessianAccumulator(in_features, device, dtype=torch.float64) if hessian else None
         )
@@ -132,19 +198,27 @@ class InputAccumulator:
             self._hist_add(r.abs().flatten())
 
     def _grow_hist(self, peak: float) -> None:
-        bins = self.hist.numel()
         if self.hist_range == 0.0:
             self.hist_range = (
                 max(_MIN_RANGE, 2.0 ** math.ceil(math.log2(peak))) if peak > 0 else _MIN_RANGE
             )
-        while peak > self.hist_range:  # double the range: bin pairs merge exactly
-            merged = self.hist.view(bins // 2, 2).sum(1)
-            self.hist = torch.cat([merged, torch.zeros_like(merged)])
-            self.hist_range *= 2.0
+        while peak > self.hist_range:
+            self._double_hist()
+
+    def _double_hist(self) -> None:
+        """Double the range: bin pairs merge exactly, and the values equal to the old range
+        (counted apart) fall in the first bin of the new upper half. The histogram is then the
+        one made at the new range directly, whatever order the values came in."""
+        bins = self.hist.numel()
+        merged = self.hist.view(bins // 2, 2).sum(1)
+        self.hist = torch.cat([merged, torch.zeros_like(merged)])
+        self.hist[bins // 2] += self.top
+        self.top = 0
+        self.hist_range *= 2.0
 
     def _hist_add(self, a: torch.Tensor) -> None:
         # Exact integer counts (torch.histc counts in float32). |x| <= hist_range, so the index
-        # is at most `bins`: the value equal to the range joins the last bin.
+        # is at most `bins`: the values equal to the range join the last bin in the result.
         bins = self.hist.numel()
         idx = a.mul_(bins / self.hist_range).to(torch.int32)
         if idx.is_cuda:
@@ -152,8 +226,36 @@ class InputAccumulator:
         else:  # numpy's bincount is several times faster than torch's on the CPU
             counts = torch.from_numpy(np.bincount(idx.numpy(), minlength=bins + 1))
         counts = counts.to(torch.int64)
-        counts[bins - 1] += counts[bins]
+        self.top += int(counts[bins])
         self.hist += counts[:bins]
+
+    def end_group(self) -> None:
+        """The group of batches is done: add its sums exactly into the totals."""
+        fold(self.sq_hi, self.sq_lo, self.sum_sq)
+        self.sum_sq.zero_()
+        if self.hessian is not None:
+            self.hessian.end_group()
+
+    def reduce(self, world: Any) -> None:
+        """Combine the ranks' statistics (:class:`qtool.runner.dist.World`): sums exact,
+        counts and histograms integers, extremes exact; every rank gets the same values."""
+        self.end_group()
+        self.count = world.sum_int(self.count)
+        world.all_reduce_(self.min, "min")
+        world.all_reduce_(self.max, "max")
+        if self.count:
+            self.absmax = torch.maximum(self.max, -self.min)
+        rng = torch.tensor([self.hist_range], dtype=torch.float64)
+        world.all_reduce_(rng, "max")
+        if self.hist_range == 0.0:
+            self.hist_range = float(rng[0])
+        while self.hist_range < float(rng[0]):
+            self._double_hist()
+        world.all_reduce_(self.hist, "sum")
+        self.top = world.sum_int(self.top)
+        world.exact_sum_(self.sq_hi, self.sq_lo)
+        if self.hessian is not None:
+            self.hessian.reduce(world)
 
     def result(self, name: str) -> LinearStats:
         """The finished statistics, on the CPU."""
@@ -161,14 +263,23 @@ class InputAccumulator:
             name=name,
             in_features=self.in_features,
             count=self.count,
-            sum_sq=self.sum_sq.cpu().numpy(),
+            sum_sq=self._sum_sq().cpu().numpy(),
             absmax=self.absmax.cpu().numpy(),
             min=self.min.cpu().numpy(),
             max=self.max.cpu().numpy(),
-            hist=self.hist.cpu().numpy(),
+            hist=self._hist().cpu().numpy(),
             hist_range=self.hist_range,
             hessian=None if self.hessian is None else self.hessian.xtx().float().cpu().numpy(),
         )
+
+    def _sum_sq(self) -> torch.Tensor:
+        self.end_group()
+        return self.sq_hi + self.sq_lo
+
+    def _hist(self) -> torch.Tensor:
+        h = self.hist.clone()
+        h[-1] += self.top
+        return h
 
 
 class OutputAccumulator:
@@ -186,6 +297,12 @@ class OutputAccumulator:
         self.absmax = torch.maximum(self.absmax, torch.maximum(hi, -lo))
         self.min = min(self.min, float(lo.min()))
         self.max = max(self.max, float(hi.max()))
+
+    def reduce(self, world: Any) -> None:
+        world.all_reduce_(self.absmax, "max")
+        t = torch.tensor([-self.min, self.max], dtype=torch.float64)
+        world.all_reduce_(t, "max")
+        self.min, self.max = -float(t[0]), float(t[1])
 
 
 @dataclass
@@ -399,9 +516,58 @@ class StatsCollector:
             acc = self._outputs[name] = OutputAccumulator(out_features, self.device)
         acc.update(y)
 
-    def end_batch(self) -> None:
-        """Forget the inputs of the last forward (call after each forward)."""
+    def end_batch(self, group_end: bool = False) -> None:
+        """Forget the inputs of the last forward (call after each forward); ``group_end``: the
+        batch closes a group (:func:`qtool.runner.dist.groups`), whose sums are added exactly
+        into the totals."""
         self._seen.clear()
+        if group_end:
+            for acc in self._distinct():
+                acc.end_group()
+
+    def _distinct(self) -> list[InputAccumulator]:
+        """Each input accumulator once (shared inputs: the owner's), in name order."""
+        return [acc for name, acc in sorted(self._inputs.items()) if name not in self._shared]
+
+    def reduce(self, world: Any) -> None:
+        """Combine the ranks' statistics (:class:`qtool.runner.dist.World`), in a fixed order.
+        A rank that saw no input of some linear (an MoE expert no token of its samples reached)
+        first gets empty accumulators for it, shaped as the other ranks' are."""
+        if not world.active:
+            return
+        mine = {
+            "in": {n: [a.in_features, self._shared.get(n)] for n, a in self._inputs.items()},
+            "out": {n: int(a.absmax.numel()) for n, a in self._outputs.items()},
+        }
+        union: dict[str, list[Any]] = {}
+        outs: dict[str, int] = {}
+        for raw in world.all_gather_bytes(json.dumps(mine, sort_keys=True).encode()):
+            theirs = json.loads(raw)
+            for n, v in theirs["in"].items():
+                if union.setdefault(n, v) != v:
+                    raise QToolError(f"{n}: the ranks saw its input shared differently")
+            outs.update(theirs["out"])
+        for n, (features, owner) in sorted(union.items(), key=lambda kv: kv[1][1] is not None):
+            if n in self._inputs:
+                continue
+            if owner is not None:
+                if owner not in self._inputs:
+                    self._inputs[owner] = InputAccumulator(
+                        union[owner][0], self.device, bins=self.bins, hessian=self.hessian
+                    )
+                self._inputs[n] = self._inputs[owner]
+                self._shared[n] = owner
+            else:
+                self._inputs[n] = InputAccumulator(
+                    features, self.device, bins=self.bins, hessian=self.hessian
+                )
+        for n, features in outs.items():
+            if n not in self._outputs:
+                self._outputs[n] = OutputAccumulator(features, self.device)
+        for acc in self._distinct():
+            acc.reduce(world)
+        for _, o in sorted(self._outputs.items()):
+            o.reduce(world)
 
     def detach(self) -> dict[str, LinearStats]:
         """Remove the hooks and return the finished statistics (accumulators are freed)."""

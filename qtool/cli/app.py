@@ -17,8 +17,9 @@ from typing import Annotated
 import typer
 
 from qtool import __version__
-from qtool.cli import calibrate, eval_cmd, export, inspect, quantize
+from qtool.cli import calibrate, eval_cmd, export, inspect, launch, quantize
 from qtool.errors import EXIT_BAD_INPUT, EXIT_FAILURE, QToolError
+from qtool.interrupt import Stopped
 from qtool.output import Output, set_output
 
 app = typer.Typer(
@@ -79,6 +80,8 @@ def hoist_global_flags(argv: list[str]) -> list[str]:
 
 
 def _message(exc: BaseException) -> tuple[str, int]:
+    if isinstance(exc, Stopped):
+        return "stopped by torchrun: another rank failed", 143
     if isinstance(exc, QToolError):
         return str(exc), exc.exit_code
     if isinstance(exc, MemoryError):
@@ -96,8 +99,12 @@ def _message(exc: BaseException) -> tuple[str, int]:
 def run(argv: list[str] | None = None) -> None:
     """Run the app, turning known exceptions into one line and an exit code."""
     args = hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
+    launch.ARGV = list(args)
+    launch.worker_setup()
     try:
+        launch.check_command(args)
         code = app(args=args, standalone_mode=False, prog_name="qtool")
+        _shutdown()
         if code == 130:  # Typer turns Ctrl-C (after our cleanup ran) into a return value
             raise KeyboardInterrupt
         if isinstance(code, int) and code:
@@ -117,9 +124,17 @@ def run(argv: list[str] | None = None) -> None:
         if os.environ.get("QTOOL_DEBUG"):
             raise
         msg, code = _message(exc)
-        sys.stderr.write(f"error: {msg}\n")
+        if launch.worker_failed(exc, msg, code):
+            sys.stderr.write(f"error: {msg}\n")
         sys.exit(code)
     sys.exit(0)
+
+
+def _shutdown() -> None:
+    """A torchrun worker leaves its process group (when it joined one)."""
+    dist = sys.modules.get("qtool.runner.dist")
+    if dist is not None:
+        dist.world().shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qtool.cli.options import JsonFlag, MaxGpuMemory, MaxMemory, Revision, Source
+from qtool.cli.options import JsonFlag, MaxGpuMemory, MaxMemory, Nproc, Revision, Source
 from qtool.cli.options import output as sink
 
 
@@ -111,6 +111,7 @@ def calibrate_cmd(
         ),
     ] = None,
     revision: Revision = None,
+    nproc: Nproc = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Collect activation statistics and an importance matrix, one decoder layer at a time.
@@ -124,6 +125,10 @@ def calibrate_cmd(
     from qtool import api
     from qtool.output import reporter
 
+    if nproc is not None:
+        from qtool.cli.launch import relaunch_if
+
+        relaunch_if(nproc)
     out = sink(json_out)
     with reporter(out) as rep:
         res = api.calibrate(

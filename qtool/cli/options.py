@@ -48,6 +48,16 @@ ComputeDtype = Annotated[
         "or AMX; else float32), float32, bfloat16, float16 \\[auto].",
     ),
 ]
+Nproc = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc",
+        help="Run as N processes on this machine (torch.distributed: samples shared out, "
+        "GPTQ's linears solved in parallel; the same output as one process). Several "
+        "machines: torchrun --nnodes ... -m qtool.",
+        show_default=False,
+    ),
+]
 
 
 def output(json_out: bool) -> Output:

@@ -20,6 +20,7 @@ from qtool.cli.options import (
     JsonFlag,
     MaxGpuMemory,
     MaxMemory,
+    Nproc,
     Revision,
     Source,
 )
@@ -228,6 +229,7 @@ def quantize_cmd(
     strict: Strict = False,
     revision: Revision = None,
     allow_pickle: AllowPickle = False,
+    nproc: Nproc = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Quantize: RTN, GPTQ or BitNet on any grid (GGUF types byte-identical to llama-quantize,
@@ -248,6 +250,10 @@ def quantize_cmd(
     from qtool import api
     from qtool.output import reporter
 
+    if nproc is not None and not dry_run:
+        from qtool.cli.launch import relaunch_if
+
+        relaunch_if(nproc)
     out = sink(json_out)
     options: dict[str, Any] = {
         "method": method,

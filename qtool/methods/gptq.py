@@ -17,6 +17,8 @@ block searches; the integer grid uses it only in its ``mse`` clipping search.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -50,9 +52,31 @@ class GPTQResult:
     error: float  # sum over columns of (w - q)^2 / [H^-1]_cc^2 / 2 (the reference's Losses)
 
 
+@contextlib.contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """On the CPU, LAPACK's blocked Cholesky (MKL's) gives different bits with different thread
+    counts: run it on one thread, so a run's codes do not depend on how many threads its
+    process has (one process, or each of ``--nproc N``). The GPU's solvers do not depend on
+    the CPU threads."""
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``. A Hessian that is not
     positive definite (too few or degenerate samples) is dampened ten times more, up to 1.0."""
+    with _one_thread(h.device):
+        return _inverse_cholesky_here(h, damp, name)
+
+
+def _inverse_cholesky_here(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
     mean_diag = float(torch.mean(torch.diag(h)))
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     d = damp

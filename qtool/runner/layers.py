@@ -42,6 +42,8 @@ from qtool.calibrate.stats import LinearStats, NonFiniteError, StatsCollector
 from qtool.checkpoint import Checkpoint
 from qtool.errors import BadInputError, QToolError, UnsupportedError
 from qtool.events import SILENT, Reporter
+from qtool.runner import dist
+from qtool.runner.dist import World, die_here, group_ends, groups, local_cuda, shard
 from qtool.runner.stash import Stash
 from qtool.runner.workdir import WorkFolder, checkpoint_every
 
@@ -100,7 +102,7 @@ class LayerwiseResult:
 def pick_device(device: str = "auto") -> torch.device:
     """``auto``: the GPU when CUDA is available, else the CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return local_cuda(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         dev = torch.device(device)
     except RuntimeError as e:
@@ -109,7 +111,7 @@ def pick_device(device: str = "auto") -> torch.device:
         raise BadInputError(
             f"--device {device}: CUDA is not available here", hint="use --device cpu"
         )
-    return dev
+    return local_cuda(dev)
 
 
 @contextlib.contextmanager
@@ -376,11 +378,36 @@ def embedding_pass(
     return layer_args
 
 
+def fingerprint(ckpt: Checkpoint) -> dict[str, Any]:
+    """What identifies a model's weights across machines (not its path): shape numbers, tensor
+    headers, and a few elements of a few tensors."""
+    import hashlib
+
+    from qtool.calibrate.statsfile import model_identity, sample_weights
+
+    heads = sorted((n, list(t.shape), str(t.dtype)) for n, t in ckpt.tensors.items())
+    try:
+        sample = sample_weights(ckpt)[1].tobytes()
+    except (OSError, AttributeError, KeyError, ValueError):  # a view over another format
+        sample = b""
+    return {
+        **{k: v for k, v in model_identity(ckpt).items() if k != "source"},
+        "tensors": hashlib.sha256(repr(heads).encode()).hexdigest(),
+        "sample": hashlib.sha256(sample).hexdigest(),
+    }
+
+
 class Session:
     """One layer-by-layer run over calibration token ``ids``: the model's skeleton, its weights
     read lazily, the hidden states between layers in a :class:`Stash` placed by the memory plan
     (``place``: device, host or disk), and the per-layer arguments the embedding pass recorded.
-    Calibration and GPTQ both drive one."""
+    Calibration and GPTQ both drive one.
+
+    Under torchrun (``world``), the session holds this rank's shard of the batches (whole groups
+    of consecutive batches, :mod:`qtool.runner.dist`): ``batches`` and the hidden states are the
+    shard's, ``first`` is its first batch's index among all, ``group_end[j]`` says whether local
+    batch ``j`` closes a group (the accumulators' exact sums fold there). Every rank must run the
+    same model on the same tokens: that is checked first."""
 
     def __init__(
         self,
@@ -393,6 +420,7 @@ class Session:
         place: str = "device",
         folder: Path | None = None,
         reporter: Reporter = SILENT,
+        world: World | None = None,
     ) -> None:
         self.ckpt = ckpt
         self.device = device
@@ -400,10 +428,41 @@ class Session:
         self.place = place
         self.folder = folder
         self.reporter = reporter
+        self.world = w = world if world is not None else World()
+        everything = list(ids.split(max(1, batch_size)))
+        self.n_total = len(everything)
+        if w.active:
+            import hashlib
+
+            w.agree(
+                {
+                    "the model": fingerprint(ckpt),
+                    "the calibration data": [
+                        list(ids.shape),
+                        hashlib.sha256(ids.to(torch.int32).numpy().tobytes()).hexdigest(),
+                    ],
+                    "the batch size, device type and compute dtype": [
+                        batch_size,
+                        device.type,
+                        str(dtype),
+                    ],
+                }
+            )
+            n_groups = len(groups(self.n_total))
+            if n_groups < w.size:
+                raise BadInputError(
+                    f"{w.size} ranks for {self.n_total} calibration batches in {n_groups} "
+                    "groups: every rank needs at least one",
+                    hint=f"run at most {n_groups} processes, or calibrate on more samples",
+                )
+        self.tokens = int(ids.numel())  # all ranks' (the checkpoints hold every batch)
+        mine = shard(self.n_total, w.rank, w.size)
+        self.first = mine.start
+        self.batches = everything[mine.start : mine.stop]
+        self.group_end = group_ends(mine, self.n_total)
         self.model = build_skeleton(ckpt, dtype)
         self.parts = _parts(self.model)
         self.loader = WeightLoader(ckpt, device, dtype)
-        self.batches = list(ids.split(max(1, batch_size)))
         self.layers = list(self.parts.layers)
         self.hidden = self.stash("hidden")
         self.layer_args: LayerArgs = {}
@@ -412,6 +471,10 @@ class Session:
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    def shards(self) -> list[range]:
+        """Every rank's batches (by index among all)."""
+        return [shard(self.n_total, r, self.world.size) for r in range(self.world.size)]
 
     def stash(self, name: str) -> Stash:
         """A new per-batch store placed as the plan says."""
@@ -513,17 +576,22 @@ def calibrate_layerwise(
     folder: Path | None = None,
     all_experts: bool = False,
     work: CalibrationWork | None = None,
+    world: World | None = None,
 ) -> LayerwiseResult:
     """Collect input/output statistics of every linear layer of ``ckpt`` on token ``ids``
     (``[samples, seq_len]``), one decoder layer at a time. ``place``: where the hidden states
     between layers live (device, host, disk; default: the device, or host memory when a GPU
     lacks room). MoE layers count the tokens routed to each expert; ``all_experts`` runs every
     token through every expert for the statistics. ``work``: the resume folder (each layer's
-    statistics, hidden-state checkpoints); a run it holds continues from its last checkpoint."""
+    statistics, hidden-state checkpoints); a run it holds continues from its last checkpoint.
+    Under torchrun (``world``, by default the process's) each rank runs its shard of the samples
+    and the statistics are combined exactly: every rank gets the single-process result (on
+    resume, rank 0 alone reads the finished layers' statistics)."""
     t0 = time.perf_counter()
     device = device or pick_device()
     progress = progress or SILENT
     where = place or _cache_place(device, ids, ckpt, dtype)
+    world = world if world is not None else dist.world()
     session = Session(
         ckpt,
         ids,
@@ -533,6 +601,7 @@ def calibrate_layerwise(
         place=where,
         folder=folder,
         reporter=progress,
+        world=world,
     )
     try:
         return _calibrate(
@@ -568,6 +637,8 @@ def _calibrate(
     session.embed(total)
     stage_s["embeddings"] = time.perf_counter() - s0
 
+    world = session.world
+    ends = session.group_end
     stats: dict[str, LinearStats] = {}
     routed: dict[int, list[int]] = {}
     start = 0
@@ -575,9 +646,9 @@ def _calibrate(
         # statistics depend only on a layer's inputs: continue from the last checkpoint
         start = work.hidden_at
         progress.info(f"resuming at layer {start} of {session.n_layers} from {work.path}")
-        work.load_hidden(session.hidden)
+        work.load_hidden(session.hidden, session.shards())
         work.reports = [r for r in work.reports if r["layer"] < start]
-        for i in range(start):
+        for i in range(start if world.is_main else 0):  # only rank 0 writes them out
             layer_stats, counts = work.layer_stats(i)
             stats.update(layer_stats)
             if counts is not None:
@@ -586,6 +657,7 @@ def _calibrate(
     for i in range(start, session.n_layers):
         s0 = time.perf_counter()
         name = f"layer {i}"
+        die_here(i)
         progress.stage(name, i + 1, total, n_batches)
         col = StatsCollector(device, hessian=hessian)
         with session.loaded(i) as layer:
@@ -598,12 +670,13 @@ def _calibrate(
                         a, k = args[j]
                         out = layer(session.hidden[j], *a, **k)
                         out = out[0] if isinstance(out, (tuple, list)) else out
-                        col.end_batch()
+                        col.end_batch(ends[j])
                         session.hidden[j] = out
                         progress.batch()
+                col.reduce(world)
             except NonFiniteError as e:
                 raise QToolError(
-                    f"layer {i}: {e}",
+                    f"layer {i}: {e}" + (f" (rank {world.rank}'s samples)" if world.active else ""),
                     hint="use --compute-dtype float32"
                     if dtype != torch.float32
                     else "check the weights",
@@ -611,8 +684,9 @@ def _calibrate(
             finally:
                 layer_stats = col.detach()
                 stats.update(layer_stats)
-                if (counts := take_routed(layer)) is not None:
-                    routed[i] = counts
+                counts = take_routed(layer)
+            if counts is not None:
+                routed[i] = world.sum_ints(counts)
         if work is not None:
             last = i + 1 == session.n_layers
             checkpoint = not last and (i + 1) % every == 0
@@ -631,8 +705,9 @@ def _calibrate(
             for j in range(n_batches):
                 y = parts.norm(session.hidden[j])
                 col.observe_input(parts.lm_head_name, y, parts.lm_head_in)
-                col.end_batch()
+                col.end_batch(ends[j])
                 progress.batch()
+        col.reduce(world)
         stats.update(col.detach())
         WeightLoader.unload(parts.norm)
     session.hidden.clear()
@@ -640,7 +715,7 @@ def _calibrate(
     progress.stage_done("norm", stage_s["norm"])
     return LayerwiseResult(
         stats=stats,
-        tokens=int(ids.numel()),
+        tokens=int(ids.numel()),  # all ranks' (ids are every sample, on every rank)
         device=str(device),
         dtype=dtype_name(dtype),
         seconds=time.perf_counter() - t0,

@@ -162,10 +162,12 @@ def plan_memory(
         ),
     ]
     if gptq:
-        # the Hessians of one stage (true-sequential: one input group; else the whole layer),
-        # and the solver's float32 copies of the largest weight and of H^-1
+        # the Hessians of one stage (true-sequential: one input group; else the whole layer):
+        # 20 bytes an entry (the batch group's float32 sum and the exact float64 pair, see
+        # qtool.calibrate.stats.HessianAccumulator); the solver's float32 copies of the largest
+        # weight and of H^-1
         ins = shape.linear_inputs
-        hess = max(ins) ** 2 * 4 if true_sequential else sum(i**2 * 4 for i in set(ins)) * 2
+        hess = max(ins) ** 2 * 20 if true_sequential else sum(i**2 * 20 for i in set(ins)) * 2
         rows, cols = max(shape.linear_shapes, key=lambda rc: rc[0] * rc[1])
         fixed.append(Item("Hessians being collected", hess, compute))
         fixed.append(

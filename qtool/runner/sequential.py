@@ -41,6 +41,7 @@ from qtool.errors import BadInputError, QToolError
 from qtool.events import SILENT, Reporter
 from qtool.grids.base import Grid, QuantizedTensor
 from qtool.methods.gptq import GPTQConfig, GPTQResult, gptq_quantize
+from qtool.runner.dist import World, assign, die_here
 from qtool.runner.layers import DTYPES, Session, pick_device
 from qtool.runner.moe import MIN_EXPERT_TOKENS, moe_blocks, set_all_experts, take_routed
 from qtool.runner.stash import Stash
@@ -101,7 +102,8 @@ def _key(name: str, grid: str) -> str:
 
 class WorkDir(WorkFolder):
     """GPTQ's resume folder: each finished layer's quantized weights (every grid), the reports,
-    and the hidden-state checkpoints (:class:`~qtool.runner.workdir.WorkFolder`)."""
+    and the hidden-state checkpoints (:class:`~qtool.runner.workdir.WorkFolder`; under
+    torchrun rank 0 keeps it for every rank)."""
 
     kind = "GPTQ"
 
@@ -118,6 +120,24 @@ class WorkDir(WorkFolder):
                 tensors[f"{_key(w.name, grid_key)}.{field_name}"] = t
         self.save(i, tensors, [r.__dict__ for r in reports], hidden)
 
+    def shared_weights(
+        self, layers: range, grids: dict[str, Grid]
+    ) -> dict[tuple[str, str], Callable[[], QuantizedTensor]]:
+        """The saved codes of ``layers`` on every rank (rank 0 reads the files, the others get
+        their bytes): what a resumed run needs to recompute those layers' outputs."""
+        if not self.world.active:
+            return self.weights(layers.stop, grids)
+        out: dict[tuple[str, str], Callable[[], QuantizedTensor]] = {}
+        for i in layers:
+            tensors = self.shared_tensors(i)
+            for k in sorted({k.rsplit(".", 1)[0] for k in tensors}):
+                name, grid_key = k.rsplit("@", 1)
+                state = {
+                    f.removeprefix(k + "."): t for f, t in tensors.items() if f.startswith(k + ".")
+                }
+                out[(name, grid_key)] = _restorer(grids[grid_key], name, state)
+        return out
+
     def weights(
         self, n_layers: int, grids: dict[str, Grid]
     ) -> dict[tuple[str, str], Callable[[], QuantizedTensor]]:
@@ -133,6 +153,12 @@ class WorkDir(WorkFolder):
                 name, grid_key = k.rsplit("@", 1)
                 out[(name, grid_key)] = _loader(path, name, grids[grid_key])
         return out
+
+
+def _restorer(
+    grid: Grid, name: str, state: dict[str, torch.Tensor]
+) -> Callable[[], QuantizedTensor]:
+    return lambda: grid.restore(name, state)
 
 
 def _loader(path: Path, name: str, grid: Grid) -> Callable[[], QuantizedTensor]:
@@ -305,10 +331,19 @@ class _LayerPasses:
         collect: dict[str, HessianAccumulator] | None,
         on_batch: Callable[[], None],
         out: Stash | None = None,
+        group_end: list[bool] | None = None,
     ) -> None:
         """One pass. ``collect`` maps the first linear of each group to collect to its
         accumulator (the pass stops once all have been seen); ``None``: the full forward, whose
-        outputs go to ``out``."""
+        outputs go to ``out``. ``group_end[j]``: batch ``j`` closes a group of batches, whose
+        sums the accumulators then add exactly into their totals."""
+
+        def batch_done(j: int) -> None:
+            if collect is not None and group_end is not None and group_end[j]:
+                for acc in collect.values():
+                    acc.end_group()
+            on_batch()
+
         frozen = set(self._frozen(quantized)) if self.cache_outputs else set()
         maximal = {n for n in frozen if "." not in n or n.rsplit(".", 1)[0] not in frozen}
         # a module whose parent's tail input is being recorded now is not needed afterwards:
@@ -370,16 +405,16 @@ class _LayerPasses:
                     try:
                         y = self.layer(self.hidden[j], *args, **kwargs)
                     except _StopLayer:
-                        on_batch()
+                        batch_done(j)
                         continue
                     if collect is not None:
                         if pending <= self.optional:  # experts no token of this batch reached
-                            on_batch()
+                            batch_done(j)
                             continue
                         raise QToolError("a GPTQ pass ended without reaching its linear layers")
                     assert out is not None
                     out[j] = y[0] if isinstance(y, (tuple, list)) else y
-                    on_batch()
+                    batch_done(j)
         finally:
             for mod in patched:
                 del mod.forward
@@ -443,8 +478,12 @@ def gptq_model(
     reporter: Reporter = SILENT,
 ) -> SequentialResult:
     """Quantize with GPTQ every decoder linear named in ``grids`` (module name -> the grids to
-    quantize it on) layer by layer on the token ``ids``."""
+    quantize it on) layer by layer on the token ``ids``. Under torchrun (``work.world``) each
+    rank runs the forwards of its shard of the samples, the Hessians are summed exactly over the
+    ranks, and each stage's linears are solved on different ranks: every rank ends with the
+    single-process run's codes; rank 0 keeps the work directory."""
     t0 = time.perf_counter()
+    world = work.world
     device = pick_device(opts.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # reproducible, as the reference code
     torch.backends.cudnn.allow_tf32 = False
@@ -458,8 +497,9 @@ def gptq_model(
         dtype=dtype,
         batch_size=opts.batch_size,
         place=opts.place,
-        folder=work.path / "stash" if opts.place == "disk" else None,
+        folder=work.stash_folder() if opts.place == "disk" else None,
         reporter=reporter,
+        world=world,
     )
     try:
         return _gptq_session(session, grids, opts, work, reporter, t0)
@@ -486,11 +526,12 @@ def _gptq_session(
     every = _checkpoint_every(session, opts)
     session.embed(total)
     start = work.layers_done
+    world = session.world
     if start:
         reporter.info(f"resuming at layer {start} of {n_layers} from {work.path}")
         if work.hidden_at:
-            work.load_hidden(session.hidden)
-        saved = work.weights(start, all_grids)
+            work.load_hidden(session.hidden, session.shards())
+        saved = work.shared_weights(range(work.hidden_at, start), all_grids) if propagate else {}
         for i in range(work.hidden_at, start):  # recompute from the last hidden checkpoint
             s0 = time.perf_counter()
             reporter.stage(f"layer {i} (recomputed)", i + 1, total, len(session.batches))
@@ -502,6 +543,7 @@ def _gptq_session(
 
     for i in range(start, n_layers):
         s0 = time.perf_counter()
+        die_here(i)
         with session.loaded(i) as layer:
             set_all_experts(layer, opts.all_experts)
             weights, reports = _quantize_layer(
@@ -515,7 +557,7 @@ def _gptq_session(
     device = session.device
     peak_dev = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
     return SequentialResult(
-        weights=work.weights(n_layers, all_grids),
+        weights=work.weights(n_layers, all_grids) if world.is_main else {},
         reports=work.reports,
         seconds=time.perf_counter() - t0,
         resumed_from=start,
@@ -606,6 +648,7 @@ def _quantize_layer(
     n_passes = len(stages) + 1
     reporter.stage(f"layer {index}", index + 1, total, n_passes * len(session.batches))
 
+    world = session.world
     quantized: set[str] = set()
     results: list[tuple[str, QuantizedTensor]] = []
     reports: list[LinearReport] = []
@@ -618,72 +661,136 @@ def _quantize_layer(
                 )
                 for g in stage_groups
             }
-            passes.run(quantized, accs, reporter.batch)
-            for g in stage_groups:
+            passes.run(quantized, accs, reporter.batch, group_end=session.group_end)
+            for g in stage_groups:  # the same order on every rank
+                accs[g[0]].reduce(world)
+            # the stage's jobs (linear x grid), spread over the ranks by their cost
+            jobs = [
+                (g, name, grid) for g in stage_groups for name in g for grid in grids[prefix + name]
+            ]
+            owner = assign([_cost(linears[n]) for _, n, _ in jobs], world.size)
+            solved: dict[int, tuple[QuantizedTensor, LinearReport]] = {}
+            hessians: dict[str, torch.Tensor | None] = {}
+            for k, (g, name, grid) in enumerate(jobs):
+                if owner[k] != world.rank:
+                    continue
                 acc = accs[g[0]]
+                if g[0] not in hessians:
+                    hessians[g[0]] = acc.hessian() if acc.rows else None
                 starved = g[0] in experts and acc.rows < MIN_EXPERT_TOKENS
-                if starved:
+                solved[k] = _solve(
+                    session, linears[name], prefix + name, grid, hessians[g[0]], acc, starved, opts
+                )
+            del hessians
+            if world.active:
+                solved = _exchange(world, jobs, prefix, solved)
+            warned: set[str] = set()
+            for k, (g, name, grid) in enumerate(jobs):
+                acc = accs[g[0]]
+                if g[0] in experts and acc.rows < MIN_EXPERT_TOKENS and g[0] not in warned:
+                    warned.add(g[0])
                     reporter.warn(
                         f"{prefix}{g[0].rsplit('.', 1)[0]}: {acc.rows} calibration tokens "
                         f"reached this expert (fewer than {MIN_EXPERT_TOKENS}): {', '.join(g)} "
                         "rounded to nearest (RTN) instead of GPTQ; more samples or "
                         "--all-experts give it data"
                     )
-                h = acc.hessian() if acc.rows else None
-                for name in g:
+                q, rep = solved.pop(k)
+                if rep.damp > opts.gptq.damp:
+                    reporter.warn(
+                        f"{rep.name}: the Hessian is not positive definite at damp "
+                        f"{opts.gptq.damp:g}; dampened with {rep.damp:g} instead"
+                    )
+                reports.append(rep)
+                if propagate:
                     lin = linears[name]
-                    full = prefix + name
-                    w = _exact_weight(session, full, lin)
-                    if h is None:  # no input at all: the errors are measured on nothing
-                        h = torch.zeros(w.shape[1], w.shape[1], device=w.device)
-                    ref = _hessian_error(w, h)
-                    for grid in grids[full]:
-                        if starved:
-                            r = _rtn_result(full, w, grid)
-                        else:
-                            r = gptq_quantize(full, w, h, grid, opts.gptq)
-                        if r.damp_used > opts.gptq.damp:
-                            reporter.warn(
-                                f"{full}: the Hessian is not positive definite at damp "
-                                f"{opts.gptq.damp:g}; dampened with {r.damp_used:g} instead"
-                            )
-                        deq = r.weight.dequantize().to(device)
-                        rtn = grid.rtn(full, w, torch.diag(h) / 2).dequantize().to(device)
-                        reports.append(
-                            LinearReport(
-                                name=full,
-                                grid=grid.key,
-                                gptq_rel_error=(_hessian_error(w - deq, h) / ref) ** 0.5
-                                if ref
-                                else 0.0,
-                                rtn_rel_error=(_hessian_error(w - rtn, h) / ref) ** 0.5
-                                if ref
-                                else 0.0,
-                                damp=r.damp_used,
-                                input_absmax=float(acc.absmax.max())
-                                if acc.absmax is not None
-                                else None,
-                                method="rtn" if starved else "gptq",
-                                tokens=acc.rows,
-                            )
-                        )
-                        if propagate:
-                            lin.weight.data = deq.to(lin.weight.dtype)
-                        results.append((grid.key, r.weight))
-                    quantized.add(name)
-                del acc
+                    lin.weight.data = q.dequantize().to(device).to(lin.weight.dtype)
+                results.append((grid.key, q))
+                quantized.add(name)
+            del accs
         if not propagate:
             quantized = set()  # the float weights stand: nothing is frozen by quantization
         take_routed(layer)
         nxt = session.stash("hidden")
         passes.run(quantized, None, reporter.batch, out=nxt)
         if (routed := take_routed(layer)) is not None:
+            routed = world.sum_ints(routed)
             _report_coverage(reporter, index, routed, moe_blocks(layer)[0].all_experts)
     finally:
         passes.close()
     session.hidden.close()
     session.hidden = nxt
     return results, reports
+
+
+def _cost(lin: nn.Linear) -> float:
+    """GPTQ's work on one linear, for spreading a stage over the ranks: ``rows x cols^2`` for
+    the column updates, ``cols^3`` for the Cholesky factor and its inverse."""
+    rows, cols = lin.out_features, lin.in_features
+    return float(rows * cols * cols + cols**3)
+
+
+def _solve(
+    session: Session,
+    lin: nn.Linear,
+    full: str,
+    grid: Grid,
+    h: torch.Tensor | None,
+    acc: HessianAccumulator,
+    starved: bool,
+    opts: SequentialOptions,
+) -> tuple[QuantizedTensor, LinearReport]:
+    """One linear on one grid: GPTQ (or RTN for a starved expert) and its error report."""
+    device = session.device
+    w = _exact_weight(session, full, lin)
+    if h is None:  # no input at all: the errors are measured on nothing
+        h = torch.zeros(w.shape[1], w.shape[1], device=w.device)
+    ref = _hessian_error(w, h)
+    r = _rtn_result(full, w, grid) if starved else gptq_quantize(full, w, h, grid, opts.gptq)
+    deq = r.weight.dequantize().to(device)
+    rtn = grid.rtn(full, w, torch.diag(h) / 2).dequantize().to(device)
+    report = LinearReport(
+        name=full,
+        grid=grid.key,
+        gptq_rel_error=(_hessian_error(w - deq, h) / ref) ** 0.5 if ref else 0.0,
+        rtn_rel_error=(_hessian_error(w - rtn, h) / ref) ** 0.5 if ref else 0.0,
+        damp=r.damp_used,
+        input_absmax=float(acc.absmax.max()) if acc.absmax is not None else None,
+        method="rtn" if starved else "gptq",
+        tokens=acc.rows,
+    )
+    return r.weight, report
+
+
+def _exchange(
+    world: World,
+    jobs: list[tuple[list[str], str, Grid]],
+    prefix: str,
+    solved: dict[int, tuple[QuantizedTensor, LinearReport]],
+) -> dict[int, tuple[QuantizedTensor, LinearReport]]:
+    """Every rank's solved jobs to every rank: codes as safetensors bytes (the resume files'
+    tensors, never pickle), reports as JSON in its metadata."""
+    from safetensors.torch import load, save
+
+    tensors = {
+        f"{k}.{f}": t.detach().to("cpu").contiguous()
+        for k, (q, _) in solved.items()
+        for f, t in q.state().items()
+    }
+    meta = {"reports": json.dumps({str(k): rep.__dict__ for k, (_, rep) in solved.items()})}
+    out = dict(solved)
+    for r, blob in enumerate(world.all_gather_bytes(save(tensors, metadata=meta))):
+        if r == world.rank:
+            continue
+        theirs = load(blob)
+        head = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])  # the metadata
+        reps = json.loads(head.get("__metadata__", {}).get("reports", "{}"))
+        for key, rep in reps.items():
+            k = int(key)
+            _, name, grid = jobs[k]
+            state = {f.split(".", 1)[1]: t for f, t in theirs.items() if f.split(".", 1)[0] == key}
+            out[k] = (grid.restore(prefix + name, state), LinearReport(**rep))
+    return out
 
 
 def _expert_role(name: str) -> str | None:

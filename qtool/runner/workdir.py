@@ -7,7 +7,12 @@ layers, a checkpoint of the hidden states entering the next one (one file per ba
 cache is never in memory at once; sized so that a 70B model does not write 80 copies of its
 activations). Every file is written under a temporary name and renamed, ``state.json`` last, so
 a run killed at any moment leaves a consistent folder. Resuming reloads the last hidden-state
-checkpoint and recomputes the layers after it from their saved results."""
+checkpoint and recomputes the layers after it from their saved results.
+
+Under torchrun (``world``) only rank 0 reads and writes the folder, which may be on its machine
+alone: the other ranks get its state, send it their hidden states for each checkpoint, and on
+resume receive theirs and the saved results they need. Hidden-state files are numbered by batch
+among all, so a run resumes with any number of processes."""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch
 
 from qtool.errors import BadInputError, OutputError
 from qtool.io import atomic_dir, save_tensors, write_text
+from qtool.runner.dist import World
 from qtool.runner.stash import Stash
 
 STATE = "state.json"
@@ -40,7 +46,7 @@ def checkpoint_every(session: Any, explicit: int | None = None) -> int:
     env = os.environ.get("QTOOL_CHECKPOINT_EVERY")
     if env:
         return max(1, int(env))
-    tokens = sum(int(b.numel()) for b in session.batches)
+    tokens = getattr(session, "tokens", None) or sum(int(b.numel()) for b in session.batches)
     hidden = int(session.ckpt.config.get("hidden_size") or 0) or 1
     nbytes = tokens * hidden * torch.tensor([], dtype=session.dtype).element_size()
     return max(1, math.ceil(nbytes / CHECKPOINT_BYTES))
@@ -51,15 +57,36 @@ class WorkFolder:
 
     kind: ClassVar[str] = "qtool"  # named in the messages ("an interrupted GPTQ run")
 
-    def __init__(self, path: Path, run: dict[str, Any]) -> None:
+    def __init__(self, path: Path, run: dict[str, Any], world: World | None = None) -> None:
         self.path = path
         self.run = run
+        self.world = world if world is not None else World()
         self.layers_done = 0
         self.hidden_at = 0  # the layer whose input hidden states the folder holds
         self.reports: list[dict[str, Any]] = []
 
     @classmethod
-    def open(cls, path: Path, run: dict[str, Any], *, resume: bool) -> Any:
+    def open(
+        cls, path: Path, run: dict[str, Any], *, resume: bool, world: World | None = None
+    ) -> Any:
+        """The folder for ``run`` (new, or ``resume``-d); under torchrun rank 0 opens it and
+        the others get its state (or its error)."""
+        w = world if world is not None else World()
+        if not w.active:
+            return cls._open(path, run, resume=resume)
+        opened = w.on_main(
+            lambda: cls._open(path, run, resume=resume),
+            share=lambda wf: [wf.layers_done, wf.hidden_at, wf.reports],
+        )
+        if w.is_main:
+            opened.world = w
+            return opened
+        work = cls(path, run, w)
+        work.layers_done, work.hidden_at, work.reports = opened
+        return work
+
+    @classmethod
+    def _open(cls, path: Path, run: dict[str, Any], *, resume: bool) -> Any:
         work = cls(path, run)
         state_file = path / STATE
         if not state_file.exists():
@@ -96,6 +123,11 @@ class WorkFolder:
         work.reports = list(state.get("reports", []))
         return work
 
+    def stash_folder(self) -> Path:
+        """Where disk-placed caches go (one folder per rank under torchrun)."""
+        w = self.world
+        return self.path / "stash" / f"rank{w.rank}" if w.active else self.path / "stash"
+
     def layer_file(self, i: int) -> Path:
         return self.path / f"layer_{i:04d}.safetensors"
 
@@ -110,22 +142,35 @@ class WorkFolder:
         hidden: Stash | None,
     ) -> None:
         """Layer ``i``'s results; with ``hidden``, a checkpoint of the hidden states entering
-        layer ``i + 1``. ``state.json`` goes last."""
-        save_tensors({k: t.contiguous() for k, t in tensors.items()}, self.layer_file(i))
+        layer ``i + 1``. ``state.json`` goes last. Under torchrun every rank calls this with the
+        same results and its own hidden states; rank 0 writes them all."""
+        world = self.world
+        if world.is_main:
+            save_tensors({k: t.contiguous() for k, t in tensors.items()}, self.layer_file(i))
         old = self.hidden_at
         if hidden is not None:
-            with atomic_dir(self.hidden_dir(i + 1)) as tmp:
-                meta = []
+            if not world.is_main:  # rank 0 writes every rank's batches, in order
+                world.send_bytes(str(len(hidden)).encode(), 0)
                 for j in range(len(hidden)):
-                    t = hidden[j].detach().to("cpu").contiguous()
-                    (tmp / f"{j:06d}.bin").write_bytes(
-                        t.reshape(-1).view(torch.uint8).numpy().tobytes()
-                    )
-                    meta.append({"shape": list(t.shape), "dtype": str(t.dtype)})
-                (tmp / "meta.json").write_text(json.dumps(meta))
+                    world.send_tensor(hidden[j], 0)
+            else:
+                with atomic_dir(self.hidden_dir(i + 1)) as tmp:
+                    meta: list[dict[str, Any]] = []
+                    for r in range(world.size):
+                        n = len(hidden) if r == 0 else int(world.recv_bytes(r))
+                        for j in range(n):
+                            t = hidden[j] if r == 0 else world.recv_tensor(r)
+                            t = t.detach().to("cpu").contiguous()
+                            (tmp / f"{len(meta):06d}.bin").write_bytes(
+                                t.reshape(-1).view(torch.uint8).numpy().tobytes()
+                            )
+                            meta.append({"shape": list(t.shape), "dtype": str(t.dtype)})
+                    (tmp / "meta.json").write_text(json.dumps(meta))
             self.hidden_at = i + 1
         self.layers_done = i + 1
         self.reports.extend(reports)
+        if not world.is_main:
+            return
         state = {
             "version": WORK_VERSION,
             "run": self.run,
@@ -142,15 +187,37 @@ class WorkFolder:
 
         return load_file(str(self.layer_file(i)))
 
-    def load_hidden(self, into: Stash) -> Stash:
-        """The checkpointed hidden states (entering layer ``hidden_at``), batch by batch."""
+    def shared_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s saved results on every rank (rank 0 reads the file and sends its
+        bytes)."""
+        if not self.world.active:
+            return self.layer_tensors(i)
+        from safetensors.torch import load
+
+        data = self.layer_file(i).read_bytes() if self.world.is_main else None
+        return load(self.world.broadcast_bytes(data))
+
+    def load_hidden(self, into: Stash, shards: list[range] | None = None) -> Stash:
+        """The checkpointed hidden states (entering layer ``hidden_at``), batch by batch: this
+        rank's share of them (``shards``: every rank's batches; rank 0 reads and sends)."""
+        into.clear()
+        world = self.world
+        if not world.is_main:
+            assert shards is not None
+            for _ in shards[world.rank]:
+                into.append(world.recv_tensor(0))
+            return into
         folder = self.hidden_dir(self.hidden_at)
         meta = json.loads((folder / "meta.json").read_text())
-        into.clear()
+        owner = {j: r for r, sh in enumerate(shards or [range(len(meta))]) for j in sh}
         for j, m in enumerate(meta):
             dtype = getattr(torch, m["dtype"].removeprefix("torch."))
             data = bytearray((folder / f"{j:06d}.bin").read_bytes())
-            into.append(torch.frombuffer(data, dtype=dtype).reshape(m["shape"]))
+            t = torch.frombuffer(data, dtype=dtype).reshape(m["shape"])
+            if owner.get(j, 0) == 0:
+                into.append(t)
+            else:
+                world.send_tensor(t, owner[j])
         return into
 
 

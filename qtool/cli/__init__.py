@@ -15,8 +15,16 @@ def main(argv: list[str] | None = None) -> None:
         interrupt.install()
         from qtool.cli.app import run
 
-        run(argv)
-        interrupt.check()  # an interrupt swallowed where it could not propagate
+        try:
+            run(argv)
+        except SystemExit as done:
+            interrupt.check()  # an interrupt swallowed where it could not propagate
+            if argv is None:  # the process ends here: a late Ctrl-C must not kill it mid-exit
+                interrupt.ignore()
+            raise done from None
+        interrupt.check()
+        if argv is None:
+            interrupt.ignore()
     except KeyboardInterrupt as e:
         # a second Ctrl-C (or a swallowed one delivered again) must not cut this line short
         # or end the process by the signal instead of the exit code

@@ -90,7 +90,7 @@ def check_tokenizer(gguf_path: Path, hf_folder: Path) -> TokenizerCheck:
         tok = AutoTokenizer.from_pretrained(str(hf_folder), trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - any tokenizer that cannot load: say so, go on
         return TokenizerCheck(False, reason=f"the source's tokenizer does not load ({e})")
-    llm = open_llama(gguf_path, vocab_only=True)
+    llm = open_llama(gguf_path, vocab_only=True, use_mmap=False)  # the vocabulary only: no map
     try:
         strings = probe_strings(tok)
         res = TokenizerCheck(True, strings=len(strings))

@@ -8,7 +8,7 @@ per log line or progress step) or a :class:`qtool.events.Reporter` to follow the
     from qtool import api
 
     res = api.quantize("path/to/model", recipe="recipes/gptq-w4a16.yaml", output="out-gptq")
-    print(res.outputs[0]["bits_per_weight"])
+    bpw = res.outputs[0]["bits_per_weight"]  # the CLI's --json, as a dict
 
     res = api.quantize("path/to/model", method="gptq", type="Q4_K_M", dataset="canterbury",
                        output="model-q4km.gguf")

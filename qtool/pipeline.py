@@ -913,6 +913,12 @@ def _write_gguf(
         return got
 
     assert o.path is not None
+    out_path = o.path
+    tokens: dict[str, Any] = {}
+
+    def verify(written: Path) -> None:  # the complete file, before it replaces the output
+        tokens.update(_check_tokenizer(ctx, written, out_path, reporter) or {})
+
     size = write_gguf(
         o.path,
         o.gguf,
@@ -926,9 +932,9 @@ def _write_gguf(
         resume=opts.resume is not None or opts.resume_all,
         identity=run_identity(src, ctx.plan.recipe.to_dict(paths=False), o.index),
         resume_hint=opts.resume_hint or f"--resume {partial_path(o.path)}",
+        verify=verify,
     )
     params = sum(int(np.prod(e.shape)) for e in o.gguf.entries if not e.name.startswith("rope_"))
-    tokens = _check_tokenizer(ctx, o.path, reporter)
     from qtool.formats.folder import _footprint
 
     return {
@@ -943,26 +949,27 @@ def _write_gguf(
         "types": o.gguf.type_counts(),
         "methods": _method_counts(o),
         "vocab": o.gguf.vocab,
-        "tokenizer_check": tokens,
+        "tokenizer_check": tokens or None,
         "tensors": [e.as_dict() for e in o.entries],
     }
 
 
-def _check_tokenizer(ctx: Context, path: Path, reporter: Reporter) -> dict[str, Any] | None:
-    """Tokenizer fidelity (:mod:`qtool.formats.tokcheck`): a difference is a warning, an error
-    with ``strict`` (the output is then removed). A GGUF source's vocabulary is copied as is:
-    nothing to check."""
+def _check_tokenizer(
+    ctx: Context, written: Path, path: Path, reporter: Reporter
+) -> dict[str, Any] | None:
+    """Tokenizer fidelity (:mod:`qtool.formats.tokcheck`) of the complete file ``written``,
+    before it becomes the output ``path``: a difference is a warning, an error with ``strict``
+    (then nothing is published). A GGUF source's vocabulary is copied as is: nothing to check."""
     from qtool.formats.tokcheck import check_tokenizer
 
     src = ctx.plan.source
     if src.format == "gguf":
         return None
     strict = ctx.plan.recipe.strict
-    res = check_tokenizer(path, src.root)
+    res = check_tokenizer(written, src.root)
     if not res.ran:
         msg = f"tokenizer check not run: {res.reason}"
         if strict:
-            path.unlink(missing_ok=True)
             raise BadInputError(f"--strict: {msg}", hint="pip install llama-cpp-python")
         reporter.info(msg)
         return res.as_dict()
@@ -975,8 +982,7 @@ def _check_tokenizer(ctx: Context, path: Path, reporter: Reporter) -> dict[str, 
         )
         hint = "check --tokenizer-pre (llama.cpp's pre-tokenizer name) and the tokenizer files"
         if strict:
-            path.unlink(missing_ok=True)
-            raise BadInputError(msg + "; output removed", hint=hint)
+            raise BadInputError(msg + "; nothing written", hint=hint)
         reporter.warn(f"{msg}; {hint}")
     else:
         reporter.info(f"tokenizer check: llama.cpp and transformers agree on {res.strings} strings")

@@ -105,3 +105,30 @@ def cli(capsys: pytest.CaptureFixture[str]):
         return Result(code, out, err)
 
     return run
+
+
+# A qtool process that SIGKILLs itself right after its resume folder recorded the N-th layer
+# (``WorkFolder.save``, GPTQ's and calibration's): a kill at an exact, machine-independent point.
+_KILLED_AFTER_LAYERS = """
+import os, signal, sys
+from qtool.runner.workdir import WorkFolder
+real, seen = WorkFolder.save, [0]
+def save(self, *a, **k):
+    real(self, *a, **k)
+    seen[0] += 1
+    if seen[0] == int(os.environ["QTOOL_TEST_KILL_AFTER"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+WorkFolder.save = save
+from qtool.cli import main
+main(sys.argv[1:])
+"""
+
+
+def run_killed_after_layers(qtool_args: list[str], layers: int, env: dict[str, str]) -> None:
+    """Run ``qtool *qtool_args`` and kill it once ``layers`` layers are in its resume folder."""
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's qtool
+    env = {**env, "QTOOL_TEST_KILL_AFTER": str(layers)}
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _KILLED_AFTER_LAYERS, *qtool_args], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == -9, f"not killed after layer {layers}: {proc.stderr[-2000:]}"

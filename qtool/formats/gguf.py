@@ -197,12 +197,15 @@ def write_gguf(
     resume: bool = False,
     identity: dict[str, Any] | None = None,
     resume_hint: str = "--resume",
+    verify: Callable[[Path], None] | None = None,
 ) -> int:
     """Write the GGUF described by ``plan``; return the file size. ``extra_kv``: string
     metadata added (``qtool.recipe``). ``resume``: continue this run's checkpoint when one is
     beside ``path`` (see the module docstring); ``identity``: what makes two runs the same run
     (:func:`run_identity`; by default the source files alone, the header covering the rest);
-    ``resume_hint``: how the caller continues a run, for the message refusing a checkpoint."""
+    ``resume_hint``: how the caller continues a run, for the message refusing a checkpoint;
+    ``verify``: called with the complete file before it replaces ``path`` (raise to refuse it:
+    nothing is published)."""
     path = Path(path).expanduser()
     check_writable(path)
     w = gguf.GGUFWriter(None, plan.arch)
@@ -254,7 +257,7 @@ def write_gguf(
                 on_tensor=partial.tensor_done,
             )
             w.fout = None
-            partial.finish()
+            partial.finish(verify)
     except BaseException as e:
         w.fout = None
         if partial.abort(e):
@@ -629,11 +632,14 @@ class PartialGGUF:
         write_state(self.folder / STATE, self.state)
         self._last = (time.monotonic(), self.offsets[k])
 
-    def finish(self) -> None:
-        """The complete file synced and renamed over the output; the checkpoint removed."""
+    def finish(self, verify: Callable[[Path], None] | None = None) -> None:
+        """The complete file synced, checked by ``verify`` and renamed over the output; the
+        checkpoint removed."""
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
+        if verify is not None:
+            verify(self.data)
         interrupt.check()  # never publish an output after Ctrl-C (one swallowed included)
         os.replace(self.data, self.path)
         fsync_dir(self.path.resolve().parent)

@@ -483,6 +483,7 @@ def test_gguf_reads_back_as_hf(family_files, tmp_path: Path, arch: str) -> None:
         assert rope["attention_factor"] == pytest.approx((1 + np.log(64) / np.log(64)) ** 0.5)
     back, orig = hf_model(tmp_path / "hf"), hf_model(f.model)
     theirs = orig.state_dict()
+    assert back.state_dict().keys() == theirs.keys()
     for k, v in back.state_dict().items():
         assert torch.equal(v, theirs[k]), k
     _close(hf_logits(back, IDS), llama_logits_f32(f.mine32, IDS))

@@ -7,10 +7,8 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ from qtool.runner.sequential import (
     run_identity,
 )
 from qtool.runner.workdir import STATE
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama, run_killed_after_layers
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -159,48 +157,26 @@ def _sha(path: Path) -> str:
 
 @pytest.mark.parametrize("every", [1, 3])
 def test_killed_run_resumes_to_the_same_bytes(deep_tok: Path, tmp_path: Path, every: int) -> None:
-    """Killed after 3+ layers, resumed, identical bytes. ``every``: layers between hidden-state
-    checkpoints (3: the resumed run recomputes the layers since the last one from their codes,
-    as a big model's run does)."""
+    """Killed right after layer 4 was recorded, resumed, identical bytes. ``every``: layers
+    between hidden-state checkpoints (3: the last one holds layer 3's input, and the resumed run
+    recomputes layer 3 from its saved codes, as a big model's run does)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "QTOOL_CHECKPOINT_EVERY": str(every)}
     full = tmp_path / "full"
     subprocess.run(_cmd(deep_tok, full), check=True, env=env, capture_output=True)
 
     out = tmp_path / "resumed"
     work = tmp_path / "work"
-    proc = subprocess.Popen(
-        _cmd(deep_tok, out, "--resume", str(work)),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    done = 0
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            done = json.loads((work / STATE).read_text())["layers_done"]
-        except (OSError, ValueError, KeyError):
-            done = 0
-        if done >= (4 if every == 3 else 3):  # every=3: past the checkpoint at layer 3
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    run_killed_after_layers(_cmd(deep_tok, out, "--resume", str(work))[3:], 4, env)
     assert not out.exists()
     state = json.loads((work / STATE).read_text())
-    assert 3 <= state["layers_done"] < 8
-    assert state["hidden_at"] == (
-        3 if every == 3 and state["layers_done"] < 6 else state["hidden_at"]
-    )
+    assert state["layers_done"] == 4 and state["hidden_at"] == 4 // every * every
 
     r = subprocess.run(
         _cmd(deep_tok, out, "--resume", str(work)), env=env, capture_output=True, text=True
     )
     assert r.returncode == 0, r.stderr
-    assert "resuming at layer" in r.stderr
-    if every == 3 and state["layers_done"] % 3:
-        assert "(recomputed)" in r.stderr or "recomputed" in r.stderr
+    assert "resuming at layer 4" in r.stderr
+    assert ("(recomputed)" in r.stderr) == (every == 3), r.stderr
     assert _sha(out) == _sha(full)
     assert not work.exists()  # removed once the output is complete
 

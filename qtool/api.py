@@ -297,7 +297,7 @@ def _run(
     export: bool = False,
 ) -> QuantizeResult:
     from qtool.checkpoint import open_checkpoint
-    from qtool.pipeline import RunOptions, resolve_compute_dtype, run
+    from qtool.pipeline import RunOptions, run
     from qtool.runner.memory import parse_bytes
 
     paths = _paths(r, output)
@@ -316,8 +316,6 @@ def _run(
         measure_chunks=eval_chunks,
     )
     ckpt = open_checkpoint(src, revision=revision, allow_pickle=allow_pickle)
-    if not dry_run:  # the recipe as the run records it (its GGUF outputs' identity)
-        _check_partials(ckpt, resolve_compute_dtype(r, opts), paths, resume=resuming, hint=hint)
     data = run(ckpt, r, paths, opts, as_reporter(reporter, on_event))
     return QuantizeResult(data)
 
@@ -356,24 +354,6 @@ def _resume_target(
                 else "drop --resume: nothing in this run is resumable",
             )
     return None, None
-
-
-def _check_partials(
-    ckpt: Any, r: Recipe, paths: list[Path | None], *, resume: bool, hint: str | None
-) -> None:
-    """Before any work: a GGUF output's checkpoint this run may not continue is refused."""
-    from qtool.formats.gguf import check_partial, partial_path, run_identity
-
-    recipe = r.to_dict(paths=False)
-    for i, (spec, path) in enumerate(zip(r.outputs, paths, strict=True)):
-        if spec.format != "gguf" or path is None or not partial_path(path).is_dir():
-            continue
-        check_partial(
-            path,
-            run_identity(ckpt, recipe, i),
-            resume=resume,
-            hint=hint or f"--resume {partial_path(path)}",
-        )
 
 
 def _paths(r: Recipe, output: str | Path | Sequence[str | Path] | None) -> list[Path | None]:

@@ -14,10 +14,6 @@ from types import FrameType
 _interrupted = False
 
 
-def interrupted() -> bool:
-    return _interrupted
-
-
 def check() -> None:
     """Raise KeyboardInterrupt if Ctrl-C arrived, even one that was swallowed."""
     if _interrupted:

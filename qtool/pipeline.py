@@ -123,6 +123,13 @@ class Plan:
                     jobs.setdefault(module, {})[g.key] = g
         return {m: list(gs.values()) for m, gs in sorted(jobs.items())}
 
+    def _imatrix_covers(self, e: TensorPlan) -> bool:
+        """A decoder linear, or a merged MoE expert tensor (``ffn_*_exps``, one imatrix row per
+        expert): what llama.cpp's importance matrix weights."""
+        if e.hf_name is not None:
+            return self.family.is_linear(e.hf_name, e.shape)
+        return e.name.startswith("blk.") and "_exps." in e.name
+
     @property
     def needs_stats(self) -> bool:
         r = self.recipe
@@ -133,12 +140,7 @@ class Plan:
             if isinstance(spec, GGUFOutput) and spec.imatrix == "calibration":
                 # llama.cpp's imatrix covers the decoder linears; those GPTQ quantizes use their
                 # own Hessians (whose diagonal is the imatrix), so only RTN'd ones need a pass
-                if any(
-                    e.method == "rtn"
-                    and e.hf_name is not None
-                    and self.family.is_linear(e.hf_name, e.shape)
-                    for e in o.entries
-                ):
+                if any(e.method == "rtn" and self._imatrix_covers(e) for e in o.entries):
                     return True
             if isinstance(spec, IntOutput) and spec.activations and not spec.activations.dynamic:
                 if any(m != "gptq" for m in o.methods.values()):
@@ -501,6 +503,7 @@ class Context:
     calibration_card: dict[str, Any] = field(default_factory=dict)
     compute: dict[str, Any] = field(default_factory=dict)  # GPTQ's device, dtype, peak memory
     imatrix: dict[str, Any] | None = None  # GGUF name -> importance, from the calibration
+    memory: Any = None  # runner.memory.MemoryPlan of the calibration pass, made once up front
 
 
 @dataclass
@@ -528,7 +531,7 @@ def run(
 ) -> dict[str, Any]:
     """Plan, then (unless a dry run) compute and write every output; the result's data."""
     t0 = time.perf_counter()
-    recipe = resolve_compute_dtype(recipe, opts)
+    recipe = _resolve_compute_dtype(recipe, opts)
     plan = make_plan(ckpt, recipe, paths)
     for w in plan.warnings:
         reporter.warn(w)
@@ -557,9 +560,10 @@ def run(
             assert o.path is not None
             check_writable(o.path, folder=o.format != "gguf")
             _refuse_overwriting_source(ckpt, o.path)
+        _check_partials(ckpt, recipe, plan, opts)
 
     world.on_main(writable)
-    ctx = Context(plan, hf_view(ckpt, plan.family))
+    ctx = Context(plan, hf_view(ckpt, plan.family), memory=memory)
     _statistics(ctx, opts, reporter)
     _transforms(ctx)
     work = _gptq(ctx, opts, reporter)
@@ -582,7 +586,24 @@ def run(
     return data
 
 
-def resolve_compute_dtype(recipe: Recipe, opts: RunOptions) -> Recipe:
+def _check_partials(ckpt: Checkpoint, recipe: Recipe, plan: Plan, opts: RunOptions) -> None:
+    """Before any work (rank 0): a GGUF output's checkpoint this run may not continue is
+    refused (``recipe``: as the run records it, compute dtype resolved)."""
+    from qtool.formats.gguf import check_partial, partial_path, run_identity
+
+    recorded = recipe.to_dict(paths=False)
+    for o in plan.outputs:
+        if o.format != "gguf" or o.path is None or not partial_path(o.path).is_dir():
+            continue
+        check_partial(
+            o.path,
+            run_identity(ckpt, recorded, o.index),
+            resume=opts.resume_all,
+            hint=opts.resume_hint or f"--resume {partial_path(o.path)}",
+        )
+
+
+def _resolve_compute_dtype(recipe: Recipe, opts: RunOptions) -> Recipe:
     """The recipe with ``compute_dtype: auto`` resolved for this device, as it is recorded (the
     recorded recipe then reproduces the bytes on any machine)."""
     c = recipe.calibration
@@ -599,8 +620,8 @@ def _memory_plan(plan: Plan, opts: RunOptions) -> Any:
     the start, printed by --dry-run, and refused before any work when nothing fits."""
     r = plan.recipe
     gptq = bool(plan.gptq_jobs())
-    if r.calibration is None or not (gptq or plan.needs_stats) or r.calibration.stats:
-        return None
+    if r.calibration is None or not (gptq or (plan.needs_stats and not r.calibration.stats)):
+        return None  # no calibration pass (statistics from a file feed no forward of ours)
     import torch
 
     from qtool.runner.layers import DTYPES, pick_device
@@ -744,7 +765,7 @@ def _gptq(ctx: Context, opts: RunOptions, reporter: Reporter) -> Path | None:
         compute_dtype=copts.dtype,
         input_absmax=bool(static_outputs),
         all_experts=copts.all_experts,
-        place=_memory_plan(ctx.plan, opts).placement,
+        place=ctx.memory.placement,
     )
     identity = run_identity(ctx.hf, ids, seq, jobs)
     first = ctx.plan.outputs[0].path

@@ -113,11 +113,6 @@ class World:
                 f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
             ) from e
 
-    def barrier(self) -> None:
-        if self.active:
-            with self._collective("a barrier"):
-                torch.distributed.barrier()
-
     def all_reduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """In place: ``sum`` (integers), ``max`` or ``min`` — all exact."""
         if self.active:
@@ -320,12 +315,6 @@ def world() -> World:
     return _WORLD
 
 
-def set_world(w: World | None) -> None:
-    """Tests: replace (or with None, forget) the process's world."""
-    global _WORLD
-    _WORLD = w
-
-
 def local_cuda(device: torch.device) -> torch.device:
     """Under torchrun, plain ``cuda`` means this rank's GPU (``cuda:LOCAL_RANK``)."""
     if device.type == "cuda" and device.index is None and launched():
@@ -341,13 +330,9 @@ def software() -> dict[str, Any]:
     return {"the qtool and torch versions": [__version__, torch.__version__]}
 
 
-RESUME: list[str] = []  # the GPTQ work directory of this run, once known
-
-
 def note_resume(path: Any) -> None:
     """Remember the resume directory (for the one-line error of a failed distributed run); the
     ``--nproc`` launcher reads it from its folder."""
-    RESUME[:] = [str(path)]
     folder = os.environ.get(LAUNCHER_ENV)
     if folder and env_rank() == 0 and os.path.isdir(folder):
         with open(os.path.join(folder, "resume"), "w") as f:

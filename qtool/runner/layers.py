@@ -251,7 +251,8 @@ class WeightLoader:
 
         model_type = str(self.ckpt.config.get("model_type", ""))
         for c in self._candidates(name):
-            reader = conversion_reader(t, self.ckpt.read, model_type, c)
+            rows = self.ckpt.read_rows if self.ckpt.format == "safetensors" else None
+            reader = conversion_reader(t, self.ckpt.read, model_type, c, rows)
             if reader is not None:
                 return c, reader
         raise UnsupportedError(
@@ -457,7 +458,6 @@ class Session:
                 )
         self.tokens = int(ids.numel())  # all ranks' (the checkpoints hold every batch)
         mine = shard(self.n_total, w.rank, w.size)
-        self.first = mine.start
         self.batches = everything[mine.start : mine.stop]
         self.group_end = group_ends(mine, self.n_total)
         self.model = build_skeleton(ckpt, dtype)

@@ -50,13 +50,6 @@ def current_rss() -> int:
         return 0
 
 
-def host_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return 0
-
-
 @dataclass
 class Shape:
     """The numbers the plan needs, from config and headers."""

@@ -165,7 +165,11 @@ def _ops(conv: Any) -> list[tuple[str, int]]:
 
 
 def conversion_reader(
-    tensors: Any, read: Callable[[str], torch.Tensor], model_type: str, name: str
+    tensors: Any,
+    read: Callable[[str], torch.Tensor],
+    model_type: str,
+    name: str,
+    read_rows: Callable[[str, int, int], torch.Tensor] | None = None,
 ) -> Callable[[], torch.Tensor] | None:
     """How to read parameter ``name`` (the model's in-memory name) from a checkpoint holding
     ``tensors`` (names), through transformers' conversion mapping of ``model_type``:
@@ -176,7 +180,9 @@ def conversion_reader(
     - one expert's projection (``...experts.3.gate_proj.weight``) sliced from a fused tensor on
       disk (the converter run backwards).
 
-    None when the mapping has no way to the tensor."""
+    None when the mapping has no way to the tensor. ``read_rows(name, start, stop)``: the first
+    dimension's rows ``start:stop`` alone, so one expert of a fused ``[E, ...]`` tensor is read
+    without the others."""
     mapping = _mapping(model_type)
     renames = [
         (t.target_patterns[0], t.source_patterns[0])
@@ -217,7 +223,7 @@ def conversion_reader(
                 for f in (fused, *(fused.replace(t, s) for t, s in renames)):
                     if f in tensors:
                         e, parts = int(m.group(1)), len(conv.source_patterns)
-                        return partial(_read_slice, read, f, e, j, parts, ops)
+                        return partial(_read_slice, read, read_rows, f, e, j, parts, ops)
     return None
 
 
@@ -232,8 +238,16 @@ def _merge(read: Callable[[str], torch.Tensor], lists: list[list[str]], ops: lis
 
 
 def _read_slice(
-    read: Callable[[str], torch.Tensor], name: str, e: int, j: int, parts: int, ops: list[Any]
+    read: Callable[[str], torch.Tensor],
+    read_rows: Callable[[str, int, int], torch.Tensor] | None,
+    name: str,
+    e: int,
+    j: int,
+    parts: int,
+    ops: list[Any],
 ) -> torch.Tensor:
+    if read_rows is not None and dict(ops).get("MergeModulelist", 0) == 0:
+        return _slice(read_rows(name, e, e + 1), 0, j, parts, ops)  # expert e's rows only
     return _slice(read(name), e, j, parts, ops)
 
 

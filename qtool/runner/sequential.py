@@ -507,10 +507,6 @@ def gptq_model(
         session.close()
 
 
-def _checkpoint_every(session: Session, opts: SequentialOptions) -> int:
-    return checkpoint_every(session, opts.checkpoint_every)
-
-
 def _gptq_session(
     session: Session,
     grids: dict[str, list[Grid]],
@@ -523,7 +519,7 @@ def _gptq_session(
     total = n_layers + 1
     propagate = all(len(g) == 1 for g in grids.values())
     all_grids = {g.key: g for gs in grids.values() for g in gs}
-    every = _checkpoint_every(session, opts)
+    every = checkpoint_every(session, opts.checkpoint_every)
     session.embed(total)
     start = work.layers_done
     world = session.world
@@ -670,18 +666,27 @@ def _quantize_layer(
             ]
             owner = assign([_cost(linears[n]) for _, n, _ in jobs], world.size)
             solved: dict[int, tuple[QuantizedTensor, LinearReport]] = {}
-            hessians: dict[str, torch.Tensor | None] = {}
+            hessians: dict[str, torch.Tensor] = {}
+            exact: dict[str, tuple[torch.Tensor, float]] = {}  # per linear, whatever its grids
             for k, (g, name, grid) in enumerate(jobs):
                 if owner[k] != world.rank:
                     continue
                 acc = accs[g[0]]
-                if g[0] not in hessians:
-                    hessians[g[0]] = acc.hessian() if acc.rows else None
+                if name not in exact:
+                    w = _exact_weight(session, prefix + name, linears[name])
+                    if g[0] not in hessians:  # no input at all: errors measured on nothing
+                        hessians[g[0]] = (
+                            acc.hessian()
+                            if acc.rows
+                            else torch.zeros(w.shape[1], w.shape[1], device=w.device)
+                        )
+                    exact[name] = (w, _hessian_error(w, hessians[g[0]]))
                 starved = g[0] in experts and acc.rows < MIN_EXPERT_TOKENS
+                w, ref = exact[name]
                 solved[k] = _solve(
-                    session, linears[name], prefix + name, grid, hessians[g[0]], acc, starved, opts
+                    session, w, ref, prefix + name, grid, hessians[g[0]], acc, starved, opts
                 )
-            del hessians
+            del hessians, exact
             if world.active:
                 solved = _exchange(world, jobs, prefix, solved)
             warned: set[str] = set()
@@ -732,20 +737,18 @@ def _cost(lin: nn.Linear) -> float:
 
 def _solve(
     session: Session,
-    lin: nn.Linear,
+    w: torch.Tensor,
+    ref: float,
     full: str,
     grid: Grid,
-    h: torch.Tensor | None,
+    h: torch.Tensor,
     acc: HessianAccumulator,
     starved: bool,
     opts: SequentialOptions,
 ) -> tuple[QuantizedTensor, LinearReport]:
-    """One linear on one grid: GPTQ (or RTN for a starved expert) and its error report."""
+    """One linear (its float32 weight ``w``, ``ref`` = its output energy under ``h``) on one
+    grid: GPTQ (or RTN for a starved expert) and its error report."""
     device = session.device
-    w = _exact_weight(session, full, lin)
-    if h is None:  # no input at all: the errors are measured on nothing
-        h = torch.zeros(w.shape[1], w.shape[1], device=w.device)
-    ref = _hessian_error(w, h)
     r = _rtn_result(full, w, grid) if starved else gptq_quantize(full, w, h, grid, opts.gptq)
     deq = r.weight.dequantize().to(device)
     rtn = grid.rtn(full, w, torch.diag(h) / 2).dequantize().to(device)

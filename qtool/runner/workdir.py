@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from qtool.errors import BadInputError, OutputError
-from qtool.io import atomic_dir, save_tensors, write_text
+from qtool.io import atomic_dir, first_difference, save_tensors, write_text
 from qtool.runner.dist import World
 from qtool.runner.stash import Stash
 
@@ -46,9 +46,10 @@ def checkpoint_every(session: Any, explicit: int | None = None) -> int:
     env = os.environ.get("QTOOL_CHECKPOINT_EVERY")
     if env:
         return max(1, int(env))
-    tokens = getattr(session, "tokens", None) or sum(int(b.numel()) for b in session.batches)
-    hidden = int(session.ckpt.config.get("hidden_size") or 0) or 1
-    nbytes = tokens * hidden * torch.tensor([], dtype=session.dtype).element_size()
+    from qtool.models.spec import ModelSpec
+
+    hidden = ModelSpec.from_config(session.ckpt.config).hidden  # text_config of multimodal too
+    nbytes = session.tokens * hidden * session.dtype.itemsize
     return max(1, math.ceil(nbytes / CHECKPOINT_BYTES))
 
 
@@ -112,7 +113,7 @@ class WorkFolder:
                 f"({state.get('layers_done', 0)} layers done)",
                 hint=f"continue it with --resume {path}, or delete the directory",
             )
-        diff = _diff(state.get("run", {}), run)
+        diff = first_difference(state.get("run", {}), run)
         if diff:
             raise BadInputError(
                 f"--resume {path}: that directory is from another run (differs in {diff})",
@@ -219,16 +220,3 @@ class WorkFolder:
             else:
                 world.send_tensor(t, owner[j])
         return into
-
-
-def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str:
-    keys = sorted(set(a) | set(b))
-    for k in keys:
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            d = _diff(va, vb, f"{prefix}{k}.")
-            if d:
-                return d
-        elif va != vb:
-            return f"{prefix}{k}: {va} -> {vb}"
-    return ""

@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install assets assets-gemma demo test test-slow check bench bench-quantize bench-peers bench-dist clean
+.PHONY: install assets assets-gemma demo test test-slow check bench bench-quantize bench-peers bench-dist bench-scale clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,13 @@ bench-peers: assets
 BENCH_DIST_ARGS ?=
 bench-dist: assets
 	$(PY) scripts/bench_dist.py $(BENCH_DIST_ARGS) --out bench-dist-smollm2.json
+
+# GPTQ time per layer and peak memory at Llama-3.2-1B / Llama-3.1-8B widths (random weights,
+# 1 and 3 layers), extrapolated to full depth. On a GPU: BENCH_SCALE_ARGS="--device cuda
+# --samples 128 --seq-len 2048".
+BENCH_SCALE_ARGS ?=
+bench-scale: assets
+	$(PY) scripts/bench_scale.py $(BENCH_SCALE_ARGS) --out bench-scale.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

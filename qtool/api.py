@@ -320,9 +320,6 @@ def _run(
     return QuantizeResult(data)
 
 
-GPTQ_WORK_SUFFIX = ".qtool-gptq"  # pipeline._gptq's default checkpoint folder
-
-
 def _resume_target(
     r: Recipe, paths: list[Path | None], resume: str | Path | bool | None, *, export: bool
 ) -> tuple[Path | None, str | None]:
@@ -330,6 +327,7 @@ def _resume_target(
     None for "--resume" and the output's own checkpoint folder)."""
     from qtool.errors import BadInputError
     from qtool.formats.gguf import partial_path
+    from qtool.pipeline import GPTQ_WORK_SUFFIX
 
     if export:
         return None, "--resume"

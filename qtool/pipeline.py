@@ -45,6 +45,7 @@ from qtool.recipe import (
 )
 
 GPTQ_FORMAT_BITS = (2, 3, 4, 8)
+GPTQ_WORK_SUFFIX = ".qtool-gptq"  # GPTQ's checkpoint folder beside the first output
 
 
 # --------------------------------------------------------------------------------------------
@@ -770,7 +771,7 @@ def _gptq(ctx: Context, opts: RunOptions, reporter: Reporter) -> Path | None:
     identity = run_identity(ctx.hf, ids, seq, jobs)
     first = ctx.plan.outputs[0].path
     assert first is not None
-    work_path = opts.resume or first.with_name(first.name + ".qtool-gptq")
+    work_path = opts.resume or first.with_name(first.name + GPTQ_WORK_SUFFIX)
     from qtool.runner import dist
 
     world = dist.world()

@@ -9,6 +9,8 @@ Runs (each a fresh ``qtool quantize`` process, compressed-tensors output):
 - ``rtn``: round to nearest on the same grid;
 - ``gptq-natural-fp32``: the old defaults (natural column order, groups fitted as they start),
   float32 forwards;
+- ``gptq-actorder-dynamic-fp32``: act-order with groups fitted as they start (AutoGPTQ's
+  ``desc_act`` without static groups: a non-trivial ``g_idx``), float32;
 - ``gptq-actorder-static-fp32``: act-order with static groups (the new defaults), float32;
 - ``gptq-default``: the new defaults as a user runs them (compute dtype chosen for the device:
   bfloat16 forwards on CPUs with bf16 instructions, Hessians in float32).
@@ -31,6 +33,13 @@ from pathlib import Path
 RUNS: dict[str, list[str]] = {
     "rtn": ["--method", "rtn"],
     "gptq-natural-fp32": ["--method", "gptq", "--no-act-order", "--compute-dtype", "float32"],
+    "gptq-actorder-dynamic-fp32": [
+        "--method",
+        "gptq",
+        "--no-static-groups",
+        "--compute-dtype",
+        "float32",
+    ],
     "gptq-actorder-static-fp32": ["--method", "gptq", "--compute-dtype", "float32"],
     "gptq-default": ["--method", "gptq"],
 }
@@ -76,11 +85,15 @@ def main() -> None:
     if r.returncode:
         sys.exit(f"eval failed: {r.stderr[-2000:]}")
     e = json.loads(r.stdout)
-    for row in e.get("artifacts", e.get("results", [])):
-        label = Path(row.get("artifact", row.get("path", ""))).name
-        if label in res:
-            res[label]["eval"] = {k: row.get(k) for k in ("ppl", "kld", "top1", "bits_per_weight")}
-    report = {"base_ppl": e.get("base", {}).get("ppl"), "runs": res, "eval_raw": e}
+    for row in e["artifacts"]:
+        label = Path(row["source"]).name
+        res[label]["eval"] = {
+            "ppl": row["ppl"],
+            "kld_mean": row["kld"]["mean"],
+            "top1": row["top1"],
+            "bits_per_weight": row["bits_per_weight"],
+        }
+    report = {"base_ppl": e["base"]["ppl"], "runs": res, "eval_raw": e}
     text = json.dumps(report, indent=1)
     print(text)
     if a.out:

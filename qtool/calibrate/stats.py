@@ -28,10 +28,11 @@ combines the ranks' in a fixed order.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,32 @@ class NonFiniteError(QToolError):
     """An activation was inf or nan (overflow in a low-precision forward, or broken weights)."""
 
 
+@contextlib.contextmanager
+def _exact_bf16_products(x: torch.Tensor, acc_dtype: torch.dtype) -> Iterator[None]:
+    """float32 matrix products on the CPU through oneDNN's bf16 kernels (AMX or AVX-512 BF16)
+    when ``x`` came from a bfloat16 forward: a bf16 value times a bf16 value is exact in
+    float32 and the kernels accumulate in float32, so ``x^T x`` is what the float32 kernel
+    computes, up to the order of the additions, about 1.6x faster on this machine's kind of
+    CPU. Any other input keeps full float32 products (a float32 value is not exact in bf16)."""
+    mm: Any = getattr(torch.backends.mkldnn, "matmul", None)  # torch >= 2.9 (not in stubs)
+    use = (
+        x.dtype == torch.bfloat16
+        and acc_dtype == torch.float32
+        and x.device.type == "cpu"
+        and mm is not None
+        and torch.backends.mkldnn.is_available()
+    )
+    if not use:
+        yield
+        return
+    before = mm.fp32_precision
+    mm.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        mm.fp32_precision = before
+
+
 def fold(hi: torch.Tensor, lo: torch.Tensor, p: torch.Tensor) -> None:
     """``hi + lo += p`` exactly (float64 ``hi``, ``lo``): Knuth's TwoSum splits ``hi + p``
     into its rounded sum and the exact rounding error, which goes into ``lo``. The pair then
@@ -58,11 +85,13 @@ def fold(hi: torch.Tensor, lo: torch.Tensor, p: torch.Tensor) -> None:
     other in magnitude (float64 partials; ``2^(82 - 2 log2 n)`` for float32 ones, GPTQ's),
     with ``n`` at most :data:`qtool.runner.dist.GROUPS` plus the ranks. Exact sums do not
     depend on the order of the additions."""
-    p = p.to(torch.float64)
+    p = p.to(torch.float64, copy=True)  # a scratch copy: the steps below work in place
     s = hi + p
-    b = s - hi
-    err = (hi - (s - b)).add_(p - b)
-    lo.add_(err)
+    b = s - hi  # the part of p that made it into s
+    p.sub_(b)  # p - b: what of p was lost
+    torch.sub(s, b, out=b)
+    torch.sub(hi, b, out=b)  # hi - (s - b): what of hi was lost
+    lo.add_(b.add_(p))
     hi.copy_(s)
 
 
@@ -109,11 +138,13 @@ class HessianAccumulator:
         self.blocks = list(zip(edges[:-1], edges[1:], strict=True))
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.sum.dtype)
-        for a, (i0, i1) in enumerate(self.blocks):
-            xi = x[:, i0:i1]
-            for j0, j1 in self.blocks[a:]:
-                self.sum[i0:i1, j0:j1].addmm_(xi.T, x[:, j0:j1])
+        raw = x.detach().reshape(-1, x.shape[-1])
+        x = raw.to(self.sum.dtype)
+        with _exact_bf16_products(raw, self.sum.dtype):
+            for a, (i0, i1) in enumerate(self.blocks):
+                xi = x[:, i0:i1]
+                for j0, j1 in self.blocks[a:]:
+                    self.sum[i0:i1, j0:j1].addmm_(xi.T, x[:, j0:j1])
         if self.absmax is not None:
             self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0).float())
         self.rows += x.shape[0]

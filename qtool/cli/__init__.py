@@ -4,7 +4,6 @@ moment, start-up included, into one line and exit code 130."""
 
 from __future__ import annotations
 
-import os
 import sys
 
 
@@ -29,10 +28,8 @@ def main(argv: list[str] | None = None) -> None:
         # a second Ctrl-C (or a swallowed one delivered again) must not cut this line short
         # or end the process by the signal instead of the exit code
         interrupt.ignore()
-        if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):  # a torchrun worker
-            from qtool.cli.launch import worker_failed
+        from qtool.cli.launch import worker_failed  # light: no torch
 
-            if not worker_failed(e, "interrupted", 130):
-                sys.exit(130)
-        sys.stderr.write("error: interrupted\n")
+        if worker_failed(e, "interrupted", 130):  # False: a torchrun rank that must not print
+            sys.stderr.write("error: interrupted\n")
         sys.exit(130)

@@ -87,7 +87,9 @@ def write_vocab(
     add_bos = _adds_bos(folder)
     if add_bos is not None:
         special.add_special_token["bos"] = add_bos
-    if model == "llama" and (folder / "tokenizer.json").is_file():
+    prefix_key = gguf.Keys.Tokenizer.ADD_PREFIX
+    written = any(prefix_key in kv for kv in w.kv_data)  # a family's own rule (Gemma) wins
+    if model == "llama" and (folder / "tokenizer.json").is_file() and not written:
         w.add_add_space_prefix(_adds_space_prefix(folder))
     special.add_to_gguf(w, quiet=True)
     return {"model": model, "pre": pre, "tokens": len(tokens)}

@@ -567,3 +567,28 @@ def test_gemma2_layers_run_eager_and_olmo2_has_no_smoothing(cli, family_files, t
     olmo2 = open_checkpoint(str(family_files("olmo2").model))
     with pytest.raises(UnsupportedError, match="no norm feeds the linears of olmo2"):
         smoothquant(olmo2, None, 0.5)  # type: ignore[arg-type]
+
+
+def test_gemma2_with_tokenizer_json_writes_space_prefix_once(
+    family_files, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Real Gemma 2 folders hold both ``tokenizer.model`` and ``tokenizer.json``: the
+    family's ``add_space_prefix = false`` (the converter's ``Gemma2Model.set_vocab``) is written
+    once, not again by the generic tokenizer.json rule (gguf-py warns "Duplicated key"); the
+    rest of the metadata still equals the converter's on the SentencePiece-only folder."""
+    import logging
+    import shutil
+
+    import transformers as tf
+
+    f = family_files("gemma2")
+    model = tmp_path / "model"
+    shutil.copytree(f.model, model)
+    tf.GemmaTokenizer(vocab_file=str(model / "tokenizer.model")).save_pretrained(tmp_path / "t")
+    shutil.copy(tmp_path / "t" / "tokenizer.json", model / "tokenizer.json")
+    out = tmp_path / "f32.gguf"
+    with caplog.at_level(logging.WARNING):
+        _qtool("export", model, "--outtype", "F32", "-o", out, *TP)
+    assert not [r for r in caplog.records if "Duplicated key" in r.getMessage()]
+    key = "tokenizer.ggml.add_space_prefix"
+    assert lc.metadata(out)[key] == lc.metadata(f.ref32)[key] == ("BOOL", False)

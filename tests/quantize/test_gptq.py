@@ -193,3 +193,25 @@ def test_gptq_on_the_ternary_grid_beats_absmean() -> None:
     err_q = ((x @ (w - q.dequantize()).T) ** 2).sum()
     err_r = ((x @ (w - rtn.dequantize()).T) ** 2).sum()
     assert err_q < 0.9 * err_r
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_hessian_of_bf16_inputs_is_the_float32_sum(dtype: torch.dtype) -> None:
+    """Inputs from a bfloat16 forward go through oneDNN's bf16 kernels (their products are exact
+    in float32): the Hessian is the float64 ``X^T X`` rounded to float32, to float32's
+    summation error, as it is for float32 inputs; the global matmul precision is restored."""
+    g = torch.Generator().manual_seed(5)
+    xs = [(torch.randn(256, 640, generator=g) * 3).to(dtype) for _ in range(6)]
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    acc = HessianAccumulator(640, torch.device("cpu"))
+    for x in xs:
+        acc.add(x)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    ref = sum(x.double().T @ x.double() for x in xs)
+    got = acc.xtx()
+    assert got.dtype == torch.float32
+    rel = float((got.double() - ref).abs().max() / ref.abs().max())
+    assert rel < 2e-6, rel
+    # what a bf16 product would give (a rounded output): the test can tell the two apart
+    bf16 = sum((x.bfloat16().T @ x.bfloat16()).double() for x in xs)
+    assert float((bf16 - ref).abs().max() / ref.abs().max()) > 100 * rel

@@ -136,3 +136,27 @@ def test_unreachable_hub_dataset_names_the_offline_sets(
             load_documents(resolve_dataset(spec))
         assert "unreachable" in str(e.value) and "--dataset canterbury" in str(e.value)
         assert e.value.exit_code == 2
+
+
+def test_long_document_is_tokenized_in_pieces_with_the_whole_texts_tokens(
+    assets, smol_tokenizer, tmp_path: Path
+) -> None:
+    """A text file longer than PIECE_CHARS is tokenized in pieces (bounded memory) cut where
+    the byte-level BPE pre-tokenizer splits anyway: the stream equals the tokenizer's own
+    tokens of the whole text, and the pieces join back into it."""
+    from qtool.calibrate import datasets as ds
+
+    text = "\n\n".join(
+        (assets.canterbury / f).read_text(encoding="utf-8") for f in ("lcet10.txt", "alice29.txt")
+    )
+    assert len(text) > 2 * ds.PIECE_CHARS
+    pieces = ds._pieces(text)
+    assert len(pieces) >= 3 and "".join(pieces) == text
+    assert all(len(p) <= ds.PIECE_CHARS for p in pieces)
+    whole = smol_tokenizer(text, add_special_tokens=False)["input_ids"]
+    (tmp_path / "long.txt").write_text(text, encoding="utf-8")
+    n = len(whole) // 128
+    s = samples_of(str(tmp_path / "long.txt"), smol_tokenizer, n=n, seq_len=128)
+    assert s.stream_tokens == len(whole) and s.documents == 1
+    for row, i in zip(s.ids.tolist(), s.windows, strict=True):
+        assert row == whole[i * 128 : (i + 1) * 128]

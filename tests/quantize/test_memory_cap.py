@@ -19,6 +19,7 @@ from tests.calibrate.test_calibrate_memory import GIB, peak_rss_of, write_synthe
 
 HIDDEN, SAMPLES, SEQ = 256, 1000, 1024
 CAP = int(0.9 * GIB)
+CANTERBURY = ("alice29.txt", "asyoulik.txt", "lcet10.txt", "plrabn12.txt")
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +28,16 @@ def synthetic(tmp_path_factory, assets) -> Path:
     write_synthetic_llama(model, hidden=HIDDEN, intermediate=512, layers=1)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(assets.smollm2_hf / name, model / name)
+    # a million tokens: the four Canterbury texts six times over (the named set has 172k)
+    texts = [(assets.canterbury / f).read_text(encoding="utf-8") for f in CANTERBURY]
+    (model.parent / "text.txt").write_text("\n\n".join(texts * 6), encoding="utf-8")
     return model
 
 
-def _run(args: list[str]) -> tuple[int, int, str]:
+def _run(args: list[str], text: Path) -> tuple[int, int, str]:
     cache = SAMPLES * SEQ * HIDDEN * 4
     assert cache > CAP, "the hidden-state cache must exceed the cap"
-    cmd = [sys.executable, "-m", "qtool", *args, "-d", "canterbury", "-n", str(SAMPLES),
+    cmd = [sys.executable, "-m", "qtool", "-v", *args, "-d", str(text), "-n", str(SAMPLES),
            "-L", str(SEQ), "--device", "cpu", "--compute-dtype", "float32",
            "--max-memory", str(CAP)]  # fmt: skip
     code, peak, err = peak_rss_of(cmd)
@@ -50,7 +54,7 @@ def test_cache_larger_than_the_cap(synthetic: Path, tmp_path: Path, command: str
     else:
         args = ["quantize", str(synthetic), "--method", "gptq", "--bits", "4", "-g", "128",
                 "-o", str(tmp_path / "q")]  # fmt: skip
-    code, peak, err = _run(args)
+    code, peak, err = _run(args, synthetic.parent / "text.txt")
     assert code == 0, err[-2000:]
     assert "disk" in err, "the plan should have put the caches on disk"
     assert peak < CAP, f"peak RSS {peak / GIB:.2f} GiB over the {CAP / GIB:.2f} GiB cap"

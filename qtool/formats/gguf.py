@@ -883,6 +883,16 @@ class _LazySources(Sequence[np.ndarray]):
             return [read_float(self.src, n) for n in self.names[i]]
         return read_float(self.src, self.names[i])
 
+    def rows(self, i: int, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of source ``i`` (its first dimension: one expert of a fused
+        tensor), read alone; as :func:`read_float` gives them."""
+        if self.src.format != "safetensors":
+            return self[i][start:stop]
+        import torch
+
+        t = self.src.read_rows(self.names[i], start, stop)
+        return t.numpy() if t.dtype == torch.uint8 else t.to(torch.float32).numpy()
+
 
 def _row_step(shape: tuple[int, ...]) -> int:
     row_elems = int(np.prod(shape[1:])) if len(shape) > 1 else 1

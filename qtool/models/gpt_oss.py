@@ -321,9 +321,9 @@ class GptOss(MoEFamily):
                         f"blk.{layer}.ffn_{role}_exps.weight",
                         (e, r, nb * 32),
                         (bname, sname),
-                        _mxfp4(half, encoded=False),
+                        _mxfp4(half, e, encoded=False),
                         encoded_type="MXFP4",
-                        encoded=_mxfp4(half, encoded=True),
+                        encoded=_mxfp4(half, e, encoded=True),
                         experts=linears(role),
                     )
                 )
@@ -336,7 +336,7 @@ class GptOss(MoEFamily):
                 out.append(
                     GGUFTensor(
                         f"blk.{layer}.ffn_{role}_exps.weight", (e, rows, a), (name,),
-                        _float_experts(half), experts=linears(role),
+                        _float_experts(half, e), experts=linears(role),
                     )
                 )  # fmt: skip
         return out
@@ -358,18 +358,24 @@ def _bias_rows(half: int | None) -> Any:
     return build
 
 
-def _float_experts(half: int | None) -> Any:
+def _one_expert(arrays: Any, i: int, e: int) -> Any:
+    """Expert ``e`` of the fused source ``i``, read alone where the sources can (the GGUF
+    writer's lazy sources), else sliced from the whole tensor."""
+    rows = getattr(arrays, "rows", None)
+    return rows(i, e, e + 1)[0] if rows is not None else arrays[i][e]
+
+
+def _float_experts(half: int | None, n_expert: int) -> Any:
     """One expert at a time: ``[in, out]`` on disk -> ``[out, in]`` rows."""
 
     def build(arrays: Sequence[Any]) -> Iterator[Any]:
-        fused = arrays[0]
-        for e in range(fused.shape[0]):
-            yield _half(fused[e], half, 1).swapaxes(0, 1)
+        for e in range(n_expert):
+            yield _half(_one_expert(arrays, 0, e), half, 1).swapaxes(0, 1)
 
     return build
 
 
-def _mxfp4(half: int | None, encoded: bool) -> Any:
+def _mxfp4(half: int | None, n_expert: int, encoded: bool) -> Any:
     """MXFP4 experts one expert at a time: decoded to float32 ``[rows, cols]``, or (``encoded``)
     as ggml ``block_mxfp4`` rows, not decoded."""
 
@@ -377,8 +383,8 @@ def _mxfp4(half: int | None, encoded: bool) -> Any:
         from qtool.kernels.fp4 import hf_decode, hf_to_ggml
 
         convert = hf_to_ggml if encoded else hf_decode
-        blocks, scales = arrays[0], arrays[1]
-        for e in range(blocks.shape[0]):
-            yield convert(_half(blocks[e], half, 0), _half(scales[e], half, 0))
+        for e in range(n_expert):
+            blocks, scales = _one_expert(arrays, 0, e), _one_expert(arrays, 1, e)
+            yield convert(_half(blocks, half, 0), _half(scales, half, 0))
 
     return build

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 # Importing the family modules registers their codecs.
-from qtool.kernels import floats, kquants, legacy, ternary  # noqa: F401
+from qtool.kernels import floats, fp4, kquants, legacy, ternary  # noqa: F401
 from qtool.kernels.codec import BACKENDS, CHUNK_VALUES, Codec, CodecInputError, default_threads
 from qtool.kernels.types import QuantType, get_type
 

@@ -67,6 +67,8 @@ _TABLE = [
     ),
     # 64 bytes of 2-bit trits + d
     QuantType("TQ2_0", 35, QK_K, QK_K // 4 + _F16, "quantize_row_tq2_0_ref"),
+    # E8M0 exponent + 16 bytes of E2M1 nibbles
+    QuantType("MXFP4", 39, QK, 1 + QK // 2, "quantize_row_mxfp4_ref"),
 ]
 
 QUANT_TYPES: dict[str, QuantType] = {t.name: t for t in _TABLE}

@@ -423,7 +423,7 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> di
         vocab = tensors["token_embd.weight"].shape[0]
     head_dim = get("attention.key_length") or (hidden // n_heads if hidden and n_heads else None)
     return {
-        "model_type": {"gemma3": "gemma3_text"}.get(arch, arch),
+        "model_type": {"gemma3": "gemma3_text", "gpt-oss": "gpt_oss"}.get(arch, arch),
         "gguf_architecture": arch,
         "num_hidden_layers": get("block_count"),
         "hidden_size": hidden,

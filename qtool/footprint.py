@@ -66,22 +66,25 @@ class FormatSize:
 
 
 def model_tensors(ckpt: Checkpoint, spec: ModelSpec) -> list[Tensor]:
-    """The checkpoint's tensors with llama.cpp names; a tied lm_head is counted once."""
+    """The checkpoint's tensors with llama.cpp names; a tied lm_head is counted once. Shapes
+    are the parameters' (:meth:`~qtool.models.Family.stored_params`: packed MXFP4 codes count two
+    a byte, their scales are no parameters)."""
     out = []
     family = family_for(ckpt.config, strict=False)
     for info in ckpt.tensors.values():
         g = family.gguf_name(info.name) or info.name
         if spec.tied_embeddings and g == "output.weight":
             continue  # stored twice by some checkpoints; tied weights are one parameter
-        out.append(
-            Tensor(
-                info.name,
-                g,
-                info.shape,
-                family.is_linear(info.name, info.shape),
-                family.expert_of(info.name) is not None,
+        for gguf_name, shape in family.stored_params(info.name, info.shape):
+            out.append(
+                Tensor(
+                    info.name,
+                    gguf_name,
+                    shape,
+                    family.is_linear(info.name, shape),
+                    family.holds_experts(info.name),
+                )
             )
-        )
     return out
 
 
@@ -105,7 +108,7 @@ def weight_formats(tensors: Sequence[Tensor], family: Family) -> list[FormatSize
             note="int8 weights + one 16-bit scale per output channel; other tensors 16-bit",
         ),
     ]
-    for preset in GGUF_PRESETS_REPORTED:
+    for preset in GGUF_PRESETS_REPORTED + (("MXFP4_MOE",) if experts else ()):
         rows.append(gguf_size(tensors, family, preset))
     for bits in (4, 3):
         rows.append(
@@ -122,11 +125,18 @@ def gguf_size(tensors: Sequence[Tensor], family: Family, preset: str) -> FormatS
     """Bytes of a GGUF file's tensor data under ``preset`` as llama-quantize would type it,
     from an F16 conversion (1-D tensors stay F32, as llama.cpp's converter writes them)."""
     facts = facts_for(family)
-    # one entry per GGUF tensor: a MoE layer's experts are one merged tensor (same type)
+    # one entry per GGUF tensor: a MoE layer's experts are one merged tensor (same type), 3-D
     entries: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    n_merged: dict[str, int] = {}
     for t in tensors:
-        f32 = len(t.shape) == 1 or "ffn_gate_inp" in t.gguf  # as the converter writes them
+        # F32 as the converter writes them: 1-D tensors, routers, biases
+        f32 = len(t.shape) == 1 or "ffn_gate_inp" in t.gguf or not t.gguf.endswith(".weight")
         entries.setdefault(t.gguf, (t.gguf, t.shape, "F32" if f32 else "F16"))
+        n_merged[t.gguf] = n_merged.get(t.gguf, 0) + (1 if t.is_expert and len(t.shape) == 2 else 0)
+    for g, n in n_merged.items():
+        if n > 1:  # one 2-D tensor per expert on disk
+            name, shape, st = entries[g]
+            entries[g] = (name, (n, *shape), st)
     types = plan_types(list(entries.values()), preset, facts)
     total = experts = 0
     counts: dict[str, int] = {}
@@ -219,7 +229,10 @@ def training_bytes(
 
 def _moe_params(family: Family, tensors: Sequence[Tensor]) -> dict[str, int] | None:
     """Total, routed-expert and active parameters (active: all but the routed experts, plus
-    ``top_k`` experts' worth: what one token runs through, shared experts included)."""
+    ``top_k`` experts' worth: what one token runs through, shared experts included, as Mistral
+    and Qwen count it). ``active_excl_embedding`` leaves out the token-embedding table (a token
+    reads one row of it; the output head, when separate, still counts), as OpenAI counts
+    gpt-oss's active parameters (model card: 3.61B of 20.91B, 5.13B of 116.83B)."""
     experts = sum(t.numel for t in tensors if t.is_expert)
     n_expert = int(family.get("num_local_experts", "num_experts", default=0) or 0)
     top_k = int(family.get("num_experts_per_tok", default=0) or 0)
@@ -227,12 +240,16 @@ def _moe_params(family: Family, tensors: Sequence[Tensor]) -> dict[str, int] | N
         return None
     total = sum(t.numel for t in tensors)
     per_expert = experts // n_expert
+    active = total - experts + top_k * per_expert
+    tied = not any(t.gguf == "output.weight" for t in tensors)
+    embedding = 0 if tied else sum(t.numel for t in tensors if t.gguf == "token_embd.weight")
     return {
         "n_expert": n_expert,
         "top_k": top_k,
         "experts": experts,
         "per_expert": per_expert,
-        "active": total - experts + top_k * per_expert,
+        "active": active,
+        "active_excl_embedding": active - embedding,
     }
 
 
@@ -283,7 +300,10 @@ def build_report(
         g = family.gguf_name(info.name) or info.name
         if spec.tied_embeddings and g == "output.weight":
             continue
-        by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.numel
+        n = sum(math.prod(s) for _, s in family.stored_params(info.name, info.shape))
+        if n:  # quantization scales hold none
+            key = info.dtype if n == info.numel else f"{info.dtype} packed"
+            by_dtype[key] = by_dtype.get(key, 0) + n
     cache_name = (cache_dtype or spec.dtype or "bfloat16").lower()
     if cache_name not in DTYPE_BYTES:
         raise ValueError(

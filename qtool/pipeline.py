@@ -173,6 +173,12 @@ def make_plan(
     family = family or open_family(ckpt)
     plan = Plan(ckpt, family, recipe, [])
     for i, (spec, path) in enumerate(zip(recipe.outputs, paths, strict=True)):
+        if not isinstance(spec, GGUFOutput) and not family.safetensors_outputs:
+            raise UnsupportedError(
+                f"{family.model_type}: only GGUF outputs are written for this architecture",
+                hint="use --type (a GGUF type or preset); safetensors outputs are not "
+                "supported yet",
+            )
         if isinstance(spec, GGUFOutput):
             out = _plan_gguf(ckpt, family, recipe, spec, i, path)
         elif isinstance(spec, IntOutput):
@@ -199,6 +205,8 @@ def _assign(recipe: Recipe, family: Family, hf_name: str, gguf_name: str | None,
             continue
         if st.method in ("gptq", "bitnet") and not family.is_linear(hf_name, (1, 1)):
             continue
+        if st.method == "gptq" and not getattr(grid, "has_codes", True):
+            continue  # no integer grid under the bytes (MXFP4's E2M1 values): RTN
         if st.method == "bitnet" and not (
             grid.kind in ("ternary", "binary") or grid.key in ("TQ1_0", "TQ2_0")
         ):
@@ -241,9 +249,11 @@ def _plan_gguf(
                 out.methods[module] = method
         elif quantized and _merged_gptq(recipe, family, e, ckpt.format):
             method = "gptq"  # MoE experts: GPTQ per expert, stacked into the merged tensor
-            for s in e.tensor.sources:
+            for s in e.tensor.experts or e.tensor.sources:
                 out.grids[s.removesuffix(".weight")] = GGUFGrid(e.qtype)
                 out.methods[s.removesuffix(".weight")] = "gptq"
+        elif quantized and e.tensor.encoded_type == e.qtype:
+            method = None  # the source's own blocks, carried over (gpt-oss's MXFP4 experts)
         elif quantized:
             method = "rtn"
         elif ckpt.format == "gguf" and e.source_type == e.qtype:
@@ -256,7 +266,7 @@ def _merged_gptq(recipe: Recipe, family: Family, e: Any, fmt: str) -> bool:
     """Whether a merged GGUF tensor (MoE experts) is GPTQ'd source by source."""
     from qtool.grids.gguf import GGUFGrid
 
-    srcs = e.tensor.sources
+    srcs = e.tensor.experts or e.tensor.sources
     if fmt == "gguf" or len(srcs) < 2 or e.tensor.hf_name is not None:
         return False
     grid = GGUFGrid(e.qtype)
@@ -916,7 +926,7 @@ def _write_gguf(
 
     def payloads(e: Any) -> Any:
         hf = hf_of.get(e.name)
-        srcs = [s.removesuffix(".weight") for s in e.tensor.sources]
+        srcs = [s.removesuffix(".weight") for s in e.tensor.experts or e.tensor.sources]
         if hf is None and len(srcs) > 1 and all(s in o.grids for s in srcs):
             parts = [_quantizer(ctx, o, s)() for s in srcs]  # MoE experts, in expert order
             return dataclasses.replace(

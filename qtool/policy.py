@@ -17,6 +17,8 @@ The mixes, as a table (``more_bits(i, n)`` is ``i < n/8 or i >= 7n/8 or (i - n/8
     Q5_K_S   Q5_K     -                              -                             -
     Q5_K_M   Q5_K     Q6_K if more_bits              Q6_K if more_bits             -
     Q4_0/Q5_0 with an imatrix: ffn_down Q4_1/Q5_1 for i < n/8.
+    MXFP4_MOE: 3-D tensors of more than one matrix (MoE experts) MXFP4, all others Q8_0
+               (output.weight too).
 
 ``i`` counts ffn_down tensors in llama.cpp's order, except in MoE models (``n_expert > 1``),
 where it is the block number in the name (``layer_info``), so ``ffn_down_exps`` and a shared
@@ -64,6 +66,7 @@ PRESETS: dict[str, tuple[str, int]] = {
     "Q6_K": ("Q6_K", 18),
     "TQ1_0": ("TQ1_0", 36),
     "TQ2_0": ("TQ2_0", 37),
+    "MXFP4_MOE": ("MXFP4", 38),
 }
 # llama-quantize's short names for the k-quant mixes.
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
@@ -261,8 +264,12 @@ def _mix(
     output_type: str | None,
     token_embedding_type: str | None,
 ) -> str:
-    """llama_tensor_get_type_impl for the k-quant and legacy presets."""
+    """llama_tensor_get_type_impl for the k-quant, legacy and MXFP4_MOE presets."""
     n = facts.n_layers
+    if preset == "MXFP4_MOE":  # experts (ne[2] > 1) MXFP4, the rest Q8_0
+        if cat == "output" or (tied and cat == "token_embd"):
+            return get_type(output_type).name if output_type else "Q8_0"
+        return "MXFP4" if len(shape) == 3 and shape[0] > 1 else "Q8_0"
     if cat == "output" or (tied and cat == "token_embd"):
         if output_type:
             return get_type(output_type).name

@@ -128,7 +128,8 @@ def render(console: Console, d: dict[str, Any]) -> None:
             (
                 "active / token",
                 f"{moe['active']:,} ({_count(moe['active'])}): {moe['top_k']} of "
-                f"{moe['n_expert']} experts routed; experts {_count(moe['experts'])}",
+                f"{moe['n_expert']} experts routed; experts {_count(moe['experts'])}; "
+                f"{_count(moe['active_excl_embedding'])} without the token embeddings",
             ),
         )
     for k, v in rows:

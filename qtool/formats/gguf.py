@@ -89,6 +89,11 @@ class GGUFPlan:
     arch: str
     entries: list[PlanEntry]
     vocab: dict[str, Any] = field(default_factory=dict)
+    file_type: int | None = None  # general.file_type; None: the preset's
+
+    @property
+    def ftype(self) -> int:
+        return PRESETS[self.preset][1] if self.file_type is None else self.file_type
 
     @property
     def tensor_bytes(self) -> int:
@@ -131,6 +136,8 @@ def make_plan(
     for t in tensors:
         if src.format == "gguf":
             src_types[t.name] = src.tensors[t.name].dtype
+        elif t.encoded_type is not None:
+            src_types[t.name] = t.encoded_type
         else:
             src_types[t.name] = "F32" if t.float_only else base
     entries_in = [(t.name, t.shape, src_types[t.name]) for t in tensors]
@@ -149,10 +156,13 @@ def make_plan(
         raise BadInputError(str(e).strip('"')) from e
     by_name = {t.name: t for t in tensors}
     default = get_type(PRESETS[preset][0])
+    float_preset = default.name in FLOAT_TYPES
     entries = []
     for name in llama_order(by_name):
         t = by_name[name]
         qtype = "F32" if t.float_only and src.format != "gguf" else types[name]
+        if t.encoded_type is not None and float_preset:
+            qtype = t.encoded_type  # carried over as stored, as llama.cpp's converter does
         q = get_type(qtype)
         if pure and allows_quantization(name, len(t.shape)) and t.shape[-1] % default.block_size:
             # llama-quantize --pure would still fall back here; one type was asked for.
@@ -165,7 +175,10 @@ def make_plan(
         entries.append(
             PlanEntry(name, t.shape, q.name, n // q.block_size * q.type_size, t, src_types[name])
         )
-    return GGUFPlan(preset, family.gguf_arch, entries)
+    file_type = None
+    if src.format != "gguf":
+        file_type = family.gguf_file_type(PRESETS[preset][1], float_preset)
+    return GGUFPlan(preset, family.gguf_arch, entries, file_type=file_type)
 
 
 def encode(x: np.ndarray, qtype: str, imatrix: np.ndarray | None, name: str) -> np.ndarray:
@@ -287,7 +300,7 @@ def _header_bytes(
     else:
         name = src.config.get("_name_or_path") or src.root.name
         w.add_name(str(name))
-    w.add_file_type(PRESETS[plan.preset][1])
+    w.add_file_type(plan.ftype)
     if any(e.qtype not in FLOAT_TYPES for e in plan.entries):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if src.format != "gguf":
@@ -679,6 +692,11 @@ def _tensor_data(
     if ready is not None:
         yield np.ascontiguousarray(_encoded_rows(src, family, e, ready))
         return
+    t = e.tensor
+    if t.encoded is not None and e.qtype == t.encoded_type:  # the source's own bytes
+        for data in t.encoded(_LazySources(src, t.sources)):
+            yield np.ascontiguousarray(data, dtype=np.uint8)
+        return
     imat = imatrix.get(e.name) if get_type(e.qtype).block_size > 1 else None
     row = 0
     for x in float_chunks(src, family, e):
@@ -819,14 +837,19 @@ def _encoded_rows(src: Checkpoint, family: Family, e: PlanEntry, ready: Any) -> 
 
 
 def read_float(src: Checkpoint, name: str) -> np.ndarray:
-    """One source tensor as float32 numpy: an HF tensor as stored, a GGUF tensor decoded."""
+    """One source tensor as float32 numpy: an HF tensor as stored, a GGUF tensor decoded. An
+    HF tensor of bytes (packed codes and scales: gpt-oss's MXFP4 experts) comes as stored,
+    uint8, for the family's ``build`` to decode."""
     if src.format == "gguf":
         from qtool.gguf_meta import read_gguf_tensor
 
         return read_gguf_tensor(src, name)
     import torch
 
-    return src.read(name).to(torch.float32).numpy()
+    t = src.read(name)
+    if t.dtype == torch.uint8:
+        return t.numpy()
+    return t.to(torch.float32).numpy()
 
 
 def float_chunks(src: Checkpoint, family: Family, e: PlanEntry) -> Iterator[np.ndarray]:
@@ -859,6 +882,16 @@ class _LazySources(Sequence[np.ndarray]):
         if isinstance(i, slice):
             return [read_float(self.src, n) for n in self.names[i]]
         return read_float(self.src, self.names[i])
+
+    def rows(self, i: int, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of source ``i`` (its first dimension: one expert of a fused
+        tensor), read alone; as :func:`read_float` gives them."""
+        if self.src.format != "safetensors":
+            return self[i][start:stop]
+        import torch
+
+        t = self.src.read_rows(self.names[i], start, stop)
+        return t.numpy() if t.dtype == torch.uint8 else t.to(torch.float32).numpy()
 
 
 def _row_step(shape: tuple[int, ...]) -> int:

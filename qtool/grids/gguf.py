@@ -75,6 +75,23 @@ class _BlockFit(Fit):
         return q.to(torch.int32), s * q + b
 
 
+class _TableFit(Fit):
+    """A GGUF block whose values are a table per block (MXFP4: 16 E2M1 values times the block's
+    power of two), fitted by the codec: code j decodes to ``table[row, j]``."""
+
+    def __init__(self, data: np.ndarray, qtype: str) -> None:
+        from qtool.kernels import codec_for
+
+        codec = codec_for(qtype)
+        self.data = data  # uint8 [rows, type_size] (one block per row)
+        self.table = torch.from_numpy(codec.table(data))  # type: ignore[attr-defined]
+
+    def quantize(self, j: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # the nearest value, the first code on ties (as the codec's encoder picks it)
+        q = torch.argmin((self.table - x[:, None]).abs(), dim=1)
+        return q.to(torch.int32), self.table.gather(1, q[:, None])[:, 0]
+
+
 class _FloatFit(Fit):
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
@@ -106,6 +123,21 @@ class GGUFGrid(Grid):
     @property
     def is_float(self) -> bool:
         return self.qt.name in FLOAT_TYPES
+
+    @property
+    def has_codes(self) -> bool:
+        """Whether GPTQ can choose codes on it: a float type, or a block type whose bytes hold
+        integer codes on an affine grid (not MXFP4's E2M1 values)."""
+        from qtool.kernels import codec_for
+
+        codec = codec_for(self.qt.name)
+        return self.is_float or codec.code_range is not None or self._table
+
+    @property
+    def _table(self) -> bool:
+        from qtool.kernels import codec_for
+
+        return hasattr(codec_for(self.qt.name), "table")
 
     def columns(self, cols: int) -> int:
         return self.qt.block_size if not self.is_float else 1
@@ -139,7 +171,8 @@ class GGUFGrid(Grid):
 
         x = w.detach().to(torch.float32).contiguous().numpy()
         imp = None if importance is None else importance.detach().float().contiguous().numpy()
-        return _BlockFit(quantize_part(x, self.qt.name, imp, state), self.qt.name)
+        data = quantize_part(x, self.qt.name, imp, state)
+        return _TableFit(data, self.qt.name) if self._table else _BlockFit(data, self.qt.name)
 
     def assemble(
         self,
@@ -154,14 +187,18 @@ class GGUFGrid(Grid):
             raise BadInputError(f"{name}: {self.qt.name} is not a block type")
         if g_idx is not None:
             raise BadInputError(f"{name}: GGUF blocks are fixed column ranges (no g_idx)")
-        from qtool.kernels import block_with_codes
+        from qtool.kernels import block_with_codes, codec_for
 
         bs = self.qt.block_size
         parts = []
         c = codes.cpu().numpy()
         for b, f in enumerate(fits):
+            cb = c[:, b * bs : (b + 1) * bs]
+            if isinstance(f, _TableFit):
+                parts.append(codec_for(self.qt.name).with_codes(f.data, cb))
+                continue
             assert isinstance(f, _BlockFit)
-            parts.append(block_with_codes(f.data, self.qt.name, c[:, b * bs : (b + 1) * bs]))
+            parts.append(block_with_codes(f.data, self.qt.name, cb))
         return GGUFWeight(name, self.qt.name, np.concatenate(parts, axis=1), cols)
 
     def rtn(self, name: str, w: torch.Tensor, importance: torch.Tensor | None = None) -> GGUFWeight:

@@ -9,6 +9,7 @@ family").
 from qtool.models import (  # noqa: F401  (registration)
     gemma2,
     gemma3,
+    gpt_oss,
     granite,
     llama,
     mixtral,

@@ -57,6 +57,16 @@ class GGUFTensor:
     sources: tuple[str, ...]
     build: Callable[[Any], Iterator[Any]] | None = field(default=None, compare=False)
     float_only: bool = False
+    # Sources already encoded in a GGUF block type (gpt-oss's MXFP4 experts): ``encoded`` builds
+    # the tensor's bytes in that type from the sources as stored (row chunks of uint8), which a
+    # float export or a preset choosing that very type writes as they are; ``build`` decodes them
+    # to float for any other type.
+    encoded_type: str | None = None
+    encoded: Callable[[Any], Iterator[Any]] | None = field(default=None, compare=False)
+    # A merged tensor of experts stored fused on disk (gpt-oss): each expert's weight by the
+    # name the layer runner gives its linear (``...experts.3.gate_proj.weight``), in expert
+    # order; GPTQ quantizes those and their rows are stacked. Empty: the sources are the experts.
+    experts: tuple[str, ...] = ()
 
     @property
     def hf_name(self) -> str | None:
@@ -86,6 +96,9 @@ class Family:
     # GGUF tensors llama.cpp computes with that have no HF weight, which the family turns back
     # into HF config when reading a GGUF (:meth:`gguf_config_extras`); others are refused.
     gguf_runtime_tensors: ClassVar[tuple[str, ...]] = ()
+    # Whether quantize writes safetensors outputs (GPTQ, compressed-tensors, BitNet, dense) of
+    # the family, or GGUF files only.
+    safetensors_outputs: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -185,6 +198,33 @@ class Family:
     def expert_of(self, hf_name: str) -> Any:
         """For a mixture-of-experts family, the routed expert a per-expert tensor or linear
         belongs to (:class:`qtool.models.moe.ExpertRef`); None for dense families."""
+        return None
+
+    def holds_experts(self, hf_name: str) -> bool:
+        """Whether a stored tensor holds routed experts' parameters (the MoE report)."""
+        return self.expert_of(hf_name) is not None
+
+    def stored_params(
+        self, hf_name: str, shape: tuple[int, ...]
+    ) -> list[tuple[str, tuple[int, ...]]]:
+        """The parameters a stored tensor holds, as (llama.cpp name, shape rows first as
+        ``nn.Linear`` stores them) per GGUF tensor they go to (what ``inspect`` counts and
+        sizes); none for a tensor holding no parameters (quantization scales). Packed, fused
+        or transposed layouts (gpt-oss's MXFP4 experts) override this."""
+        return [(self.gguf_name(hf_name) or hf_name, shape)]
+
+    def gguf_file_type(self, preset_file_type: int, float_preset: bool) -> int:
+        """``general.file_type`` of a GGUF export (the preset's ``llama_ftype``); a family whose
+        checkpoints carry quantized tensors into float exports may record another."""
+        return preset_file_type
+
+    def virtual_reader(
+        self, name: str, tensors: Mapping[str, Any], read: Any, read_rows: Any
+    ) -> Callable[[], Any] | None:
+        """How the layer runner reads a parameter the checkpoint holds inside another tensor
+        (gpt-oss: one expert's projection of a fused, possibly MXFP4, tensor), given the
+        checkpoint's tensor names and its ``read(name)`` / ``read_rows(name, start, stop)``;
+        None (the default) when ``name`` is not one."""
         return None
 
     def skip(self, hf_name: str) -> bool:
@@ -375,7 +415,8 @@ class Family:
 def _name_map(gguf_arch: str, n_layers: int) -> Any:
     import gguf
 
-    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[gguf_arch.upper()], n_layers)
+    # the MODEL_ARCH member of an arch name ("gpt-oss" -> GPT_OSS)
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[gguf_arch.upper().replace("-", "_")], n_layers)
 
 
 class GenericFamily(Family):

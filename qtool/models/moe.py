@@ -58,6 +58,15 @@ class MoESpec:
     hidden: int
     act: str
     shared_ff: int = 0  # Qwen2-MoE's always-on shared expert (0: none)
+    # gpt-oss: the router's name and bias, biased expert projections, top-k of the logits
+    # then softmax over them, the clamped SwiGLU, and a block returning (output, router scores)
+    router: str = "gate"
+    router_bias: bool = False
+    expert_bias: bool = False
+    topk_softmax: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
+    returns_scores: bool = False
 
 
 @dataclass(frozen=True)

@@ -247,11 +247,16 @@ class WeightLoader:
         for c in self._candidates(name):
             if c in t:
                 return c, lambda c=c: self.ckpt.read(c)
+        from qtool.models import family_for
         from qtool.runner.moe import conversion_reader
 
         model_type = str(self.ckpt.config.get("model_type", ""))
+        family = family_for(self.ckpt.config, strict=False)
+        rows = self.ckpt.read_rows if self.ckpt.format == "safetensors" else None
         for c in self._candidates(name):
-            rows = self.ckpt.read_rows if self.ckpt.format == "safetensors" else None
+            virtual = family.virtual_reader(c, t, self.ckpt.read, rows)
+            if virtual is not None:  # a tensor the family derives (one expert of gpt-oss)
+                return c, lambda v=virtual: torch.as_tensor(v())
             reader = conversion_reader(t, self.ckpt.read, model_type, c, rows)
             if reader is not None:
                 return c, reader

@@ -46,17 +46,32 @@ def _act(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class _Expert(nn.Module):
-    def __init__(self, names: tuple[str, str, str], hidden: int, ff: int, act: str) -> None:
+    def __init__(
+        self,
+        names: tuple[str, str, str],
+        hidden: int,
+        ff: int,
+        act: str,
+        *,
+        bias: bool = False,
+        limit: float | None = None,
+        alpha: float = 1.0,
+    ) -> None:
         super().__init__()
         self._names = names
         gate, up, down = names
-        self.add_module(gate, nn.Linear(hidden, ff, bias=False))
-        self.add_module(up, nn.Linear(hidden, ff, bias=False))
-        self.add_module(down, nn.Linear(ff, hidden, bias=False))
+        self.add_module(gate, nn.Linear(hidden, ff, bias=bias))
+        self.add_module(up, nn.Linear(hidden, ff, bias=bias))
+        self.add_module(down, nn.Linear(ff, hidden, bias=bias))
         self.act = _act(act)
+        self.limit, self.alpha = limit, alpha
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self._names)
+        if self.limit is not None:  # gpt-oss: (clamp(up) + 1) * g * sigmoid(alpha * g)
+            g = gate(x).clamp(max=self.limit)
+            u = up(x).clamp(min=-self.limit, max=self.limit)
+            return down((u + 1) * (g * torch.sigmoid(g * self.alpha)))
         return down(self.act(gate(x)) * up(x))
 
 
@@ -68,9 +83,18 @@ class MoEBlock(nn.Module):
     def __init__(self, spec: MoESpec) -> None:
         super().__init__()
         self.spec = spec
-        self.gate = nn.Linear(spec.hidden, spec.n_expert, bias=False)
+        self.add_module(spec.router, nn.Linear(spec.hidden, spec.n_expert, bias=spec.router_bias))
         self.experts = nn.ModuleList(
-            _Expert(spec.projs, spec.hidden, spec.expert_ff, spec.act) for _ in range(spec.n_expert)
+            _Expert(
+                spec.projs,
+                spec.hidden,
+                spec.expert_ff,
+                spec.act,
+                bias=spec.expert_bias,
+                limit=spec.swiglu_limit,
+                alpha=spec.swiglu_alpha,
+            )
+            for _ in range(spec.n_expert)
         )
         if spec.shared_ff:
             shared = ("gate_proj", "up_proj", "down_proj")
@@ -79,14 +103,19 @@ class MoEBlock(nn.Module):
         self.all_experts = False
         self.register_buffer("routed", torch.zeros(spec.n_expert, dtype=torch.int64))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor) -> Any:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
-        logits = self.gate(x)
-        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, index = torch.topk(probs, self.spec.top_k, dim=-1)
-        if self.spec.norm_topk:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        logits = getattr(self, self.spec.router)(x)
+        if self.spec.topk_softmax:  # gpt-oss: softmax over the top-k logits
+            weights, index = torch.topk(logits, self.spec.top_k, dim=-1)
+            weights = F.softmax(weights, dim=-1, dtype=weights.dtype)
+        else:
+            probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+            weights, index = torch.topk(probs, self.spec.top_k, dim=-1)
+            if self.spec.norm_topk:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+        scores = weights
         weights = weights.to(x.dtype)
         self.routed += torch.bincount(index.reshape(-1), minlength=self.spec.n_expert).to(
             self.routed.device
@@ -103,6 +132,8 @@ class MoEBlock(nn.Module):
             out.index_add_(0, token, (y * weights[token, pos, None]).to(out.dtype))
         if self.spec.shared_ff:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.spec.returns_scores:  # gpt-oss's decoder layer unpacks (output, scores)
+            return out.reshape(shape), scores
         return out.reshape(shape)
 
 

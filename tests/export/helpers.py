@@ -243,10 +243,12 @@ def llama_quantize(
     output_type: str | None = None,
     token_embedding_type: str | None = None,
     tensor_types: list[tuple[str, str]] | None = None,
+    allow_requantize: bool = False,
 ) -> None:
     """llama.cpp's own quantizer (llama_model_quantize == llama-quantize), with an imatrix and
-    the same per-tensor options llama-quantize has. Preset and type ids come from llama.cpp
-    (``LLAMA_FTYPE_*``) and gguf-py, not from qtool's tables."""
+    the same per-tensor options llama-quantize has (``allow_requantize``: its
+    ``--allow-requantize``, for a source with quantized tensors). Preset and type ids come from
+    llama.cpp (``LLAMA_FTYPE_*``) and gguf-py, not from qtool's tables."""
     import llama_cpp
     from gguf import GGMLQuantizationType
 
@@ -254,6 +256,7 @@ def llama_quantize(
     p.ftype = llama_ftype(preset)
     p.nthread = 2
     p.pure = pure
+    p.allow_requantize = allow_requantize
     if output_type:
         p.output_tensor_type = GGMLQuantizationType[output_type].value
     if token_embedding_type:

@@ -89,7 +89,8 @@ def sparse_checkpoint(name: str, dst: Path) -> tuple[Path, dict[str, tuple[int, 
 
 def sparse_gguf(folder: Path, path: Path) -> Path:
     """The F16 GGUF qtool's export would write for ``folder`` (its metadata and tensor table,
-    no vocabulary), the tensor data a hole: what llama-quantize's dry run reads."""
+    no vocabulary; tensors a source holds quantized, gpt-oss's MXFP4 experts, as they are), the
+    tensor data a hole: what llama-quantize's dry run reads."""
     import gguf
     import numpy as np
 
@@ -102,10 +103,15 @@ def sparse_gguf(folder: Path, path: Path) -> Path:
     plan = make_plan(ckpt, family, "F16")
     w = gguf.GGUFWriter(str(path), family.gguf_arch)
     family.write_gguf_metadata(w)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(plan.ftype)
     for e in plan.entries:
-        dtype = np.float32 if e.qtype == "F32" else np.float16
-        w.add_tensor_info(e.name, e.shape, np.dtype(dtype), e.nbytes)
+        if e.qtype in ("F32", "F16"):
+            dtype = np.float32 if e.qtype == "F32" else np.float16
+            w.add_tensor_info(e.name, e.shape, np.dtype(dtype), e.nbytes)
+            continue
+        byte_shape = (*e.shape[:-1], e.nbytes // int(np.prod(e.shape[:-1])))
+        raw = gguf.GGMLQuantizationType[e.qtype]
+        w.add_tensor_info(e.name, byte_shape, np.dtype(np.uint8), e.nbytes, raw_dtype=raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()

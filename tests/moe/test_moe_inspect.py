@@ -4,11 +4,11 @@ by truncate), so the report comes from headers alone as it does for the real che
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import pytest
+
+from tests.moe.helpers import sparse_safetensors
 
 MIXTRAL_8X7B = {
     "architectures": ["MixtralForCausalLM"],
@@ -112,22 +112,8 @@ def shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 
 def sparse_checkpoint(path: Path, cfg: dict) -> dict[str, tuple[int, ...]]:
     """config.json and a bf16 model.safetensors whose data is a hole (header only on disk)."""
-    path.mkdir()
-    (path / "config.json").write_text(json.dumps(cfg))
-    header: dict[str, object] = {}
-    offset = 0
     sh = shapes(cfg)
-    for name, shape in sh.items():
-        n = 2
-        for s in shape:
-            n *= s
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path / "model.safetensors", "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
+    sparse_safetensors(path, cfg, {n: ("BF16", s) for n, s in sh.items()})
     return sh
 
 

@@ -94,6 +94,24 @@ def test_gptq_beats_rtn_on_the_same_type(ggml, qtype: str) -> None:
     assert err_g < 0.9 * err_r, (qtype, float(err_g / err_r))
 
 
+def test_mxfp4_table_grid(ggml) -> None:
+    """MXFP4's grid is a table of 16 values per block (E2M1 times the block's power of two).
+    With a diagonal Hessian GPTQ keeps llama.cpp's exponents and picks the nearest value, so its
+    bytes are ``quantize_row_mxfp4_ref``'s exactly; with real inputs it beats them."""
+    qt = get_type("MXFP4")
+    cols = 512
+    w = _weight(16, cols)
+    got = gptq_quantize("w", w, 2.0 * torch.eye(cols), GGUFGrid("MXFP4"), GPTQConfig()).weight
+    assert np.array_equal(got.data, ggml.quantize(qt, w.numpy()))
+    w = _weight(32, cols, seed=2)
+    x = _inputs(2048, cols)
+    q = gptq_quantize("w", w, _hessian(x), GGUFGrid("MXFP4"), GPTQConfig()).weight
+    rtn = ggml.quantize(qt, w.numpy())
+    err_g = ((x @ (w - _decode(ggml, "MXFP4", q.data, cols)).T) ** 2).sum()
+    err_r = ((x @ (w - _decode(ggml, "MXFP4", rtn, cols)).T) ** 2).sum()
+    assert err_g < 0.9 * err_r, float(err_g / err_r)
+
+
 def test_act_order_needs_static_blocks_on_gguf() -> None:
     from qtool.errors import BadInputError
 

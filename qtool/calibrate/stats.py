@@ -176,14 +176,24 @@ class HessianAccumulator:
     def xtx(self) -> torch.Tensor:
         """``sum x x^T`` (both triangles), in ``dtype``: the exact sum, rounded once."""
         self.end_group()
-        assert self.hi is not None and self.lo is not None
-        total = self.hi + self.lo
-        return (torch.triu(total) + torch.triu(total, diagonal=1).T).to(self.sum.dtype)
+        hi, lo = self.hi, self.lo
+        assert hi is not None and lo is not None
+        # block by block: a float64 temporary of one block, not three of the whole matrix
+        # (at 14336 columns, 8B's down_proj, those were 1.6 GB each)
+        out = torch.empty(self.sum.shape, dtype=self.sum.dtype, device=self.sum.device)
+        for a, (i0, i1) in enumerate(self.blocks):
+            for j0, j1 in self.blocks[a:]:
+                out[i0:i1, j0:j1] = hi[i0:i1, j0:j1] + lo[i0:i1, j0:j1]  # rounded once
+                if j0 != i0:
+                    out[j0:j1, i0:i1] = out[i0:i1, j0:j1].T
+            d = out[i0:i1, i0:i1]
+            d.copy_(torch.triu(d) + torch.triu(d, diagonal=1).T)
+        return out
 
     def hessian(self) -> torch.Tensor:
         if self.rows == 0:
             raise QToolError("GPTQ: a layer received no calibration input")
-        return self.xtx() * (2.0 / self.rows)
+        return self.xtx().mul_(2.0 / self.rows)
 
 
 class InputAccumulator:

@@ -4,6 +4,7 @@ moment, start-up included, into one line and exit code 130."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -28,8 +29,18 @@ def main(argv: list[str] | None = None) -> None:
         # a second Ctrl-C (or a swallowed one delivered again) must not cut this line short
         # or end the process by the signal instead of the exit code
         interrupt.ignore()
-        from qtool.cli.launch import worker_failed  # light: no torch
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):  # a torchrun worker
+            from qtool.cli.launch import worker_failed
 
-        if worker_failed(e, "interrupted", 130):  # False: a torchrun rank that must not print
-            sys.stderr.write("error: interrupted\n")
+            if not worker_failed(e, "interrupted", 130):
+                sys.exit(130)
+        sys.stderr.write("error: interrupted\n")
+        if argv is None:
+            # The process ends here, its cleanup (temporary files) done while the interrupt
+            # unwound. Ending now, without the interpreter's shutdown, keeps one more
+            # interrupt swallowed during start-up imports and delivered again from a finalizer
+            # from ending the process by the signal (exit -2 instead of 130).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         sys.exit(130)

@@ -844,12 +844,14 @@ def read_float(src: Checkpoint, name: str) -> np.ndarray:
         from qtool.gguf_meta import read_gguf_tensor
 
         return read_gguf_tensor(src, name)
+    return _as_numpy(src.read(name))
+
+
+def _as_numpy(t: Any) -> np.ndarray:
+    """A tensor as :func:`read_float` gives it: bytes (uint8) as stored, anything else float32."""
     import torch
 
-    t = src.read(name)
-    if t.dtype == torch.uint8:
-        return t.numpy()
-    return t.to(torch.float32).numpy()
+    return t.numpy() if t.dtype == torch.uint8 else t.to(torch.float32).numpy()
 
 
 def float_chunks(src: Checkpoint, family: Family, e: PlanEntry) -> Iterator[np.ndarray]:
@@ -888,10 +890,7 @@ class _LazySources(Sequence[np.ndarray]):
         tensor), read alone; as :func:`read_float` gives them."""
         if self.src.format != "safetensors":
             return self[i][start:stop]
-        import torch
-
-        t = self.src.read_rows(self.names[i], start, stop)
-        return t.numpy() if t.dtype == torch.uint8 else t.to(torch.float32).numpy()
+        return _as_numpy(self.src.read_rows(self.names[i], start, stop))
 
 
 def _row_step(shape: tuple[int, ...]) -> int:

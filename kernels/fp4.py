@@ -140,3 +140,20 @@ def hf_decode(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):  # 6 * 2^127 is inf, as in transformers and ggml
         out = np.ldexp(out, scales.astype(np.int32)[..., None] - 127).astype(F32)
     return out.reshape(*blocks.shape[:-2], -1)
+
+
+def ggml_to_hf(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml ``block_mxfp4`` rows -> OpenAI's layout, the inverse of :func:`hf_to_ggml`.
+
+    ``data``: uint8 ``(..., n_blocks * 17)``. Returns ``blocks`` uint8 ``(..., n_blocks, 16)``
+    (weight ``2b`` in the low nibble of byte ``b``, ``2b + 1`` in the high one) and ``scales``
+    uint8 ``(..., n_blocks)`` (the E8M0 exponents, unchanged: ggml's half scale times its doubled
+    values is the same power of two)."""
+    data = np.asarray(data, dtype=np.uint8)
+    if data.shape[-1] % (1 + QK // 2):
+        raise ValueError(f"MXFP4 rows of {data.shape[-1]} bytes are not whole 17-byte blocks")
+    q = data.reshape(*data.shape[:-1], -1, 1 + QK // 2)
+    qs = q[..., 1:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # weight j: code[j], j = 0..31
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return blocks, np.ascontiguousarray(q[..., 0])

@@ -39,6 +39,7 @@ from qtool.recipe import (
     GGUFOutput,
     GPTQStage,
     IntOutput,
+    MXFP4Output,
     Recipe,
     RTNStage,
     matches,
@@ -173,13 +174,16 @@ def make_plan(
     family = family or open_family(ckpt)
     plan = Plan(ckpt, family, recipe, [])
     for i, (spec, path) in enumerate(zip(recipe.outputs, paths, strict=True)):
-        if not isinstance(spec, GGUFOutput) and not family.safetensors_outputs:
+        allowed = family.safetensors_outputs
+        if not isinstance(spec, GGUFOutput) and allowed is not None and spec.format not in allowed:
             raise UnsupportedError(
-                f"{family.model_type}: only GGUF outputs are written for this architecture",
-                hint="use --type (a GGUF type or preset); safetensors outputs are not "
-                "supported yet",
+                f"{family.model_type}: --format {spec.format} is not written for this "
+                f"architecture; it is written as GGUF or {', '.join(allowed)}",
+                hint="use --type (a GGUF type or preset) or --format " + allowed[0],
             )
-        if isinstance(spec, GGUFOutput):
+        if isinstance(spec, MXFP4Output):
+            out = _plan_mxfp4(ckpt, family, recipe, spec, i, path)
+        elif isinstance(spec, GGUFOutput):
             out = _plan_gguf(ckpt, family, recipe, spec, i, path)
         elif isinstance(spec, IntOutput):
             out = _plan_int(ckpt, family, recipe, spec, i, path)
@@ -409,6 +413,63 @@ def _plan_bitnet(
         out.methods[module] = method
         out.entries.append(TensorPlan(name, name, shape, grid.key, method, grid.nbytes(shape)))
     check(ckpt, list(out.grids), spec.variant)
+    return out
+
+
+def _plan_mxfp4(
+    ckpt: Checkpoint, family: Family, recipe: Recipe, spec: MXFP4Output, i: int, path: Path | None
+) -> OutputPlan:
+    """Every expert linear on MXFP4's table grid (RTN: llama.cpp's rounding; GPTQ: codes chosen
+    on the same exponents), the fused tensors written back in transformers' MXFP4 layout."""
+    from qtool.grids.gguf import GGUFGrid
+
+    fused_of = getattr(family, "fused_experts", None)
+    if fused_of is None or family.safetensors_outputs is None:
+        raise UnsupportedError(
+            f"{family.model_type}: the mxfp4 format holds gpt-oss's fused MoE experts "
+            "(transformers' Mxfp4 layout)",
+            hint="use --format gptq or compressed-tensors, or a GGUF type (--type MXFP4_MOE)",
+        )
+    if getattr(family, "mxfp4", False):
+        raise BadInputError(
+            f"{ckpt.source}: its experts are MXFP4 already",
+            hint="quantize the float (bf16) checkpoint, or write GGUF (--type MXFP4_MOE keeps "
+            "these experts' bytes)",
+        )
+    _check_float_source(ckpt)
+    grid = GGUFGrid("MXFP4")
+    fused = {f.name: f for f in fused_of(ckpt.tensors)}
+    if not fused:
+        raise UnsupportedError(f"{ckpt.source}: no fused expert tensors to quantize")
+    out = OutputPlan(i, spec, path, [])
+    for name, info in ckpt.tensors.items():
+        f = fused.get(name)
+        if f is None:
+            out.entries.append(TensorPlan(name, name, tuple(info.shape), None, None, info.nbytes))
+            continue
+        grid.check(name, (f.rows, f.cols))
+        methods = set()
+        for e in range(f.n_expert):
+            for module in f.modules(e):
+                w = module + ".weight"
+                method = _assign(recipe, family, w, family.gguf_name(w), grid)
+                out.grids[module], out.methods[module] = grid, method
+                methods.add(method)
+        method = methods.pop() if len(methods) == 1 else "mixed"
+        nb = f.cols // 32
+        base = f"{f.prefix}.{f.proj}"
+        out.entries.append(
+            TensorPlan(
+                base + "_blocks", name, (f.n_expert, f.rows, nb, 16), grid.key, method,
+                f.n_expert * f.rows * nb * 16,
+            )
+        )  # fmt: skip
+        out.entries.append(
+            TensorPlan(
+                base + "_scales", name, (f.n_expert, f.rows, nb), grid.key, method,
+                f.n_expert * f.rows * nb,
+            )
+        )  # fmt: skip
     return out
 
 
@@ -829,10 +890,17 @@ def _gptq(ctx: Context, opts: RunOptions, reporter: Reporter) -> Path | None:
 
 def _weight(ctx: Context, module: str) -> Any:
     """A decoder linear's float32 weight as the methods see it (SmoothQuant applied by the
-    view)."""
+    view); one expert of a fused MoE tensor through the family's reader (gpt-oss)."""
     import torch
 
-    return ctx.hf.read(module + ".weight").to(torch.float32)
+    name = module + ".weight"
+    if name not in ctx.hf.tensors:
+        h = ctx.hf
+        rows = h.read_rows if h.format == "safetensors" else None
+        read = ctx.plan.family.virtual_reader(name, h.tensors, h.read, rows)
+        if read is not None:
+            return torch.as_tensor(read()).to(torch.float32)
+    return ctx.hf.read(name).to(torch.float32)
 
 
 def _importance(ctx: Context, module: str, grid: Any) -> Any:
@@ -885,6 +953,8 @@ def _write(ctx: Context, o: OutputPlan, opts: RunOptions, reporter: Reporter) ->
         return _write_int(ctx, o, recipe, opts, reporter)
     if isinstance(o.spec, BitNetOutput):
         return _write_bitnet(ctx, o, recipe, reporter)
+    if isinstance(o.spec, MXFP4Output):
+        return _write_mxfp4(ctx, o, recipe, opts, reporter)
     return _write_dense(ctx, o, recipe, reporter)
 
 
@@ -1141,6 +1211,37 @@ def _write_bitnet(
         "files": files,
         "methods": _method_counts(o),
     }
+
+
+def _write_mxfp4(
+    ctx: Context, o: OutputPlan, recipe: dict[str, Any], opts: RunOptions, reporter: Reporter
+) -> dict[str, Any]:
+    from qtool.formats.mxfp4 import write_mxfp4
+
+    assert o.path is not None
+    fused = ctx.plan.family.fused_experts(ctx.hf.tensors)  # type: ignore[attr-defined]
+    res = write_mxfp4(
+        ctx.hf,
+        o.path,
+        fused,
+        {m: _quantizer(ctx, o, m) for m in o.grids},
+        card={"source": ctx.plan.source.source, "methods": _module_counts(o),
+              **ctx.calibration_card},
+        measure=_measurer(ctx, opts, [r for r in ctx.reports if r["name"] in o.grids])
+        if (opts.measure_dataset or ctx.reports)
+        else None,
+        recipe=recipe,
+        reporter=reporter,
+    )  # fmt: skip
+    return {**res, "methods": _module_counts(o)}
+
+
+def _module_counts(o: OutputPlan) -> dict[str, int]:
+    """Quantized linears per method (one MoE expert's projection counts once)."""
+    counts: dict[str, int] = {}
+    for m in o.methods.values():
+        counts[m] = counts.get(m, 0) + 1
+    return counts
 
 
 def _write_dense(

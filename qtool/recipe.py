@@ -59,7 +59,7 @@ from qtool.errors import BadInputError
 RECIPE_VERSION = 1
 METHODS = ("rtn", "gptq", "bitnet")
 TRANSFORMS = ("smoothquant",)
-FORMATS = ("gguf", "gptq", "compressed-tensors", "bitnet", "safetensors")
+FORMATS = ("gguf", "gptq", "compressed-tensors", "bitnet", "mxfp4", "safetensors")
 
 
 class RecipeError(BadInputError):
@@ -284,6 +284,14 @@ class BitNetOutput(_Strict):
     path: str | None = None
 
 
+class MXFP4Output(_Strict):
+    """transformers' MXFP4 layout (``quant_method: mxfp4``, gpt-oss): the MoE experts as E2M1
+    codes with an E8M0 exponent per 32 weights, every other tensor as the source stores it."""
+
+    format: Literal["mxfp4"]
+    path: str | None = None
+
+
 class DenseOutput(_Strict):
     """An HF safetensors checkpoint of float weights (e.g. a GGUF file converted back)."""
 
@@ -293,7 +301,8 @@ class DenseOutput(_Strict):
 
 
 Output = Annotated[
-    GGUFOutput | IntOutput | BitNetOutput | DenseOutput, Field(discriminator="format")
+    GGUFOutput | IntOutput | BitNetOutput | MXFP4Output | DenseOutput,
+    Field(discriminator="format"),
 ]
 
 
@@ -652,7 +661,16 @@ def from_options(output_path: str | None = None, **given: Any) -> Recipe:
             )
     if fmt == "safetensors":
         raise _refuse("format", "safetensors (dense) is written by `qtool export`")
-    if fmt == "gguf":
+    if fmt == "mxfp4":
+        for k in INT_ONLY + GGUF_ONLY + ("tokenizer_pre", "type", "smoothquant"):
+            if k in o:
+                raise _refuse(
+                    k,
+                    "does not apply to --format mxfp4 (E2M1 codes with a power-of-two scale "
+                    "per 32 weights, on the MoE experts)",
+                )
+        out = {"format": "mxfp4"}
+    elif fmt == "gguf":
         for k in INT_ONLY:
             if k in o:
                 raise _refuse(

@@ -118,8 +118,9 @@ def quantize_cmd(
         str | None,
         typer.Option(
             "--format",
-            help="gguf, gptq, compressed-tensors; bitnet: gguf or safetensors \\[default: gguf "
-            "with --type or a .gguf output; gptq for GPTQ at 2/3/4/8 bits; compressed-tensors].",
+            help="gguf, gptq, compressed-tensors, mxfp4 (gpt-oss experts, transformers' layout); "
+            "bitnet: gguf or safetensors \\[default: gguf with --type or a .gguf output; gptq "
+            "for GPTQ at 2/3/4/8 bits; compressed-tensors].",
         ),
     ] = None,
     act_bits: Annotated[

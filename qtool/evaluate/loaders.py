@@ -303,6 +303,15 @@ def load_hf_model(ckpt: Checkpoint, dtype: Any, device: str) -> tuple[Any, str]:
             ckpt, dtype, device, quantization_config=CompressedTensorsConfig(dequantize=True)
         )
         return model, "compressed-tensors"
+    if method == "mxfp4":
+        from transformers.utils.quantization_config import Mxfp4Config
+
+        # dequantize=True: the experts are decoded once at load (transformers'
+        # convert_moe_packed_tensors), which runs on CPU; its MXFP4 kernels need triton
+        model = _from_pretrained(
+            ckpt, dtype, device, quantization_config=Mxfp4Config(dequantize=True)
+        )
+        return model, "mxfp4"
     if method == "gptq":
         if importlib.util.find_spec("gptqmodel") is None:
             # transformers loads GPTQ through gptqmodel, whose wheels bring a CUDA build of
@@ -312,7 +321,7 @@ def load_hf_model(ckpt: Checkpoint, dtype: Any, device: str) -> tuple[Any, str]:
     raise UnsupportedError(
         f"{ckpt.source}: quantization_config quant_method {method!r} is not supported by "
         "qtool eval",
-        hint="supported: unquantized, compressed-tensors, gptq (with gptqmodel), and GGUF files",
+        hint="supported: unquantized, compressed-tensors, gptq, mxfp4 and GGUF files",
     )
 
 

@@ -96,9 +96,9 @@ class Family:
     # GGUF tensors llama.cpp computes with that have no HF weight, which the family turns back
     # into HF config when reading a GGUF (:meth:`gguf_config_extras`); others are refused.
     gguf_runtime_tensors: ClassVar[tuple[str, ...]] = ()
-    # Whether quantize writes safetensors outputs (GPTQ, compressed-tensors, BitNet, dense) of
-    # the family, or GGUF files only.
-    safetensors_outputs: ClassVar[bool] = True
+    # The safetensors formats quantize writes for the family (GGUF files are always written);
+    # None: every one but ``mxfp4`` (which holds fused MoE experts: gpt-oss).
+    safetensors_outputs: ClassVar[tuple[str, ...] | None] = None
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)

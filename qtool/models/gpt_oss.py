@@ -60,6 +60,24 @@ SWIGLU_LIMIT = 7.0
 MXFP4_FILE_TYPE = 38  # LLAMA_FTYPE_MOSTLY_MXFP4_MOE
 
 
+@dataclasses.dataclass(frozen=True)
+class FusedExperts:
+    """One fused expert tensor of a layer: ``rows`` outputs (gate and up interleaved when
+    ``roles`` has two) by ``cols`` inputs per expert; expert ``e``'s linears are
+    :meth:`modules` (the layer runner's ``...experts.E.gate_proj`` ...)."""
+
+    name: str  # on disk: ``model.layers.0.mlp.experts.gate_up_proj``
+    prefix: str  # ``model.layers.0.mlp.experts``
+    proj: str  # ``gate_up_proj`` | ``down_proj``
+    n_expert: int
+    rows: int
+    cols: int
+    roles: tuple[str, ...]
+
+    def modules(self, e: int) -> list[str]:
+        return [f"{self.prefix}.{e}.{r}" for r in self.roles]
+
+
 class GptOss(MoEFamily):
     hf_types = ("gpt_oss",)
     gguf_arch = "gpt-oss"
@@ -67,8 +85,8 @@ class GptOss(MoEFamily):
     gguf_readable = False  # transformers has no GGUF reader for gpt-oss
     extra_rope_types = ("yarn",)
     # fused experts (MXFP4 or input-major) are no per-expert nn.Linear an integer safetensors
-    # layout could hold as transformers reads it back: GGUF outputs only, for now
-    safetensors_outputs = False
+    # layout could hold as transformers reads them back: transformers' own MXFP4 layout holds them
+    safetensors_outputs = ("mxfp4",)
     router_names: ClassVar[tuple[str, ...]] = ("mlp.router",)
 
     @property
@@ -141,6 +159,19 @@ class GptOss(MoEFamily):
 
             return decode
         return None
+
+    def fused_experts(self, tensors: Mapping[str, Any]) -> list[FusedExperts]:
+        """The float expert tensors on disk (``gate_up_proj`` / ``down_proj``, ``[E, in, out]``)
+        with the layer runner's per-expert linears each one holds."""
+        out = []
+        for name, info in tensors.items():
+            m = _EXPERTS.match(name)
+            if m is None or m["part"] not in (None, ".weight"):
+                continue
+            e, n_in, n_out = (int(s) for s in info.shape)
+            roles = ("down_proj",) if m["proj"] == "down_proj" else ("gate_proj", "up_proj")
+            out.append(FusedExperts(name, m["pre"], m["proj"], e, n_out, n_in, roles))
+        return out
 
     # -- config ----------------------------------------------------------------------------------
 

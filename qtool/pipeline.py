@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import re
 import shutil
 import time
@@ -190,7 +191,7 @@ def make_plan(
         elif isinstance(spec, BitNetOutput):
             out = _plan_bitnet(ckpt, family, recipe, spec, i, path)
         else:
-            out = _plan_dense(ckpt, spec, i, path)
+            out = _plan_dense(ckpt, family, spec, i, path)
         plan.outputs.append(out)
     _check_rules(plan)
     _check_needs(plan)
@@ -473,10 +474,18 @@ def _plan_mxfp4(
     return out
 
 
-def _plan_dense(ckpt: Checkpoint, spec: DenseOutput, i: int, path: Path | None) -> OutputPlan:
+def _plan_dense(
+    ckpt: Checkpoint, family: Family, spec: DenseOutput, i: int, path: Path | None
+) -> OutputPlan:
     out = OutputPlan(i, spec, path, [])
-    for name, info in ckpt.tensors.items():
-        out.entries.append(TensorPlan(name, name, tuple(info.shape), None, None, info.nbytes))
+    if ckpt.format != "safetensors":
+        for name, info in ckpt.tensors.items():
+            out.entries.append(TensorPlan(name, name, tuple(info.shape), None, None, info.nbytes))
+        return out
+    for v in family.float_tensors(ckpt.tensors, ckpt.read):  # decoded experts: bf16
+        info = ckpt.tensors.get(v.name)
+        nbytes = info.nbytes if info is not None else 2 * math.prod(v.shape)
+        out.entries.append(TensorPlan(v.name, v.name, v.shape, None, None, nbytes))
     return out
 
 
@@ -1250,7 +1259,9 @@ def _write_dense(
     from qtool.formats.dense import write_dense
 
     assert o.path is not None
-    return write_dense(ctx.hf, o.path, o.spec.dtype, recipe=recipe, reporter=reporter)
+    return write_dense(
+        ctx.hf, o.path, o.spec.dtype, recipe=recipe, reporter=reporter, family=ctx.plan.family
+    )
 
 
 def _measurer(

@@ -41,7 +41,10 @@ def write_dense(
     *,
     recipe: dict[str, Any] | None = None,
     reporter: Reporter = SILENT,
+    family: Any = None,
 ) -> dict[str, Any]:
+    """``family``: how to read the checkpoint as floats (:meth:`qtool.models.Family.
+    float_tensors`: gpt-oss's MXFP4 experts decoded); every tensor as stored without it."""
     import torch
 
     from qtool.formats.folder import folder_files, write_folder
@@ -52,13 +55,21 @@ def write_dense(
     tdtype = getattr(torch, name)
     params = 0
 
+    if family is not None:
+        views = family.float_tensors(src.tensors, src.read)
+    else:
+        from qtool.models.base import FloatTensor
+
+        views = [
+            FloatTensor(n, tuple(t.shape), lambda n=n: src.read(n)) for n, t in src.tensors.items()
+        ]
+
     def tensors() -> Any:
         nonlocal params
-        names = list(src.tensors)
-        for n in reporter.track(names, f"writing {path.name}", len(names)):
-            t = src.read(n)
+        for v in reporter.track(views, f"writing {path.name}", len(views)):
+            t = v.read()
             params += t.numel()
-            yield n, t.to(tdtype) if t.is_floating_point() else t
+            yield v.name, t.to(tdtype) if t.is_floating_point() else t
 
     config = {
         k: v for k, v in src.config.items() if k not in ("quantization_config", "torch_dtype")
@@ -74,7 +85,7 @@ def write_dense(
         "dtype": name,
         "architecture": (config.get("architectures") or [None])[0],
         "tied_embeddings": bool(config.get("tie_word_embeddings")),
-        "tensors": len(src.tensors),
+        "tensors": len(views),
         "params": params,
         "config_added": notes.get("config_added", {}),
         "tokenizer": notes.get("tokenizer", {}),

@@ -74,6 +74,15 @@ class GGUFTensor:
         return self.sources[0] if len(self.sources) == 1 and self.build is None else None
 
 
+@dataclass(frozen=True)
+class FloatTensor:
+    """One tensor of a dense export: its name and shape there, and how to read it."""
+
+    name: str
+    shape: tuple[int, ...]
+    read: Callable[[], Any]
+
+
 class Family:
     """Base class: a llama-like decoder. Subclasses set ``hf_types`` and ``gguf_arch``."""
 
@@ -203,6 +212,12 @@ class Family:
     def holds_experts(self, hf_name: str) -> bool:
         """Whether a stored tensor holds routed experts' parameters (the MoE report)."""
         return self.expert_of(hf_name) is not None
+
+    def float_tensors(self, tensors: Mapping[str, Any], read: Any) -> list[FloatTensor]:
+        """The checkpoint as float tensors, in order, for a dense safetensors export: every
+        tensor as stored; families whose checkpoints hold encoded weights (gpt-oss's MXFP4
+        experts) decode them into the layout transformers saves."""
+        return [FloatTensor(n, tuple(t.shape), lambda n=n: read(n)) for n, t in tensors.items()]
 
     def stored_params(
         self, hf_name: str, shape: tuple[int, ...]

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 from qtool.errors import UnsupportedError
-from qtool.models.base import Family, GGUFTensor
+from qtool.models.base import Family, FloatTensor, GGUFTensor
 from qtool.models.moe import MoEFamily, MoESpec
 
 # the experts of one layer, in either layout on disk
@@ -86,7 +86,7 @@ class GptOss(MoEFamily):
     extra_rope_types = ("yarn",)
     # fused experts (MXFP4 or input-major) are no per-expert nn.Linear an integer safetensors
     # layout could hold as transformers reads them back: transformers' own MXFP4 layout holds them
-    safetensors_outputs = ("mxfp4",)
+    safetensors_outputs = ("mxfp4", "safetensors")
     router_names: ClassVar[tuple[str, ...]] = ("mlp.router",)
 
     @property
@@ -171,6 +171,21 @@ class GptOss(MoEFamily):
             e, n_in, n_out = (int(s) for s in info.shape)
             roles = ("down_proj",) if m["proj"] == "down_proj" else ("gate_proj", "up_proj")
             out.append(FusedExperts(name, m["pre"], m["proj"], e, n_out, n_in, roles))
+        return out
+
+    def float_tensors(self, tensors: Mapping[str, Any], read: Any) -> list[FloatTensor]:
+        """MXFP4 experts decoded into the float layout transformers saves (``[E, in, out]``,
+        gate/up still interleaved), one expert at a time into bf16 (every E2M1 value times a
+        power of two is exact there); the scales go with their blocks; the rest as stored."""
+        out = []
+        for name, info in tensors.items():
+            m = _EXPERTS.match(name)
+            if m is None or m["part"] not in ("_blocks", "_scales"):
+                out.append(FloatTensor(name, tuple(info.shape), lambda n=name: read(n)))
+            elif m["part"] == "_blocks":
+                e, rows, nb, _ = (int(x) for x in info.shape)
+                fused = f"{m['pre']}.{m['proj']}"
+                out.append(FloatTensor(fused, (e, nb * 32, rows), _decoded(fused, read)))
         return out
 
     # -- config ----------------------------------------------------------------------------------
@@ -371,6 +386,23 @@ class GptOss(MoEFamily):
                     )
                 )  # fmt: skip
         return out
+
+
+def _decoded(fused: str, read: Any) -> Callable[[], Any]:
+    def decode() -> Any:
+        import numpy as np
+        import torch
+
+        from qtool.kernels.fp4 import hf_decode
+
+        blocks, scales = np.asarray(read(fused + "_blocks")), np.asarray(read(fused + "_scales"))
+        e, rows, nb, _ = blocks.shape
+        out = torch.empty((e, nb * 32, rows), dtype=torch.bfloat16)
+        for i in range(e):
+            out[i] = torch.from_numpy(hf_decode(blocks[i], scales[i])).T
+        return out
+
+    return decode
 
 
 def _half(x: Any, half: int | None, axis: int) -> Any:

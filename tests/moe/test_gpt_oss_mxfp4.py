@@ -170,3 +170,24 @@ def test_mxfp4_source_and_other_families_refused(cli, oss, assets, tmp_path: Pat
     r = cli("quantize", assets.smollm2_hf, "--format", "mxfp4", "-o", tmp_path / "b")
     assert r.exit_code != 0 and "fused MoE experts" in r.stderr, r.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_dense_export_and_back(cli, oss, tmp_path: Path) -> None:
+    """``export --format safetensors`` of an MXFP4 checkpoint writes the float layout
+    transformers saves (bf16, no quantization_config) with the experts transformers' own
+    decoder builds from the release's blocks; writing that back with ``--format mxfp4`` loses
+    nothing (every decoded value is on the MXFP4 grid): transformers loads the same model."""
+    dense, back = tmp_path / "dense", tmp_path / "back"
+    r = cli("-q", "export", oss["mxfp4-src"], "--format", "safetensors", "-o", dense)
+    assert r.exit_code == 0, r.stderr
+    cfg = json.loads((dense / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    assert not any(k.endswith(("_blocks", "_scales")) for k in _experts(dense))
+    r = cli("-q", "quantize", dense, "--format", "mxfp4", "-o", back)
+    assert r.exit_code == 0, r.stderr
+    want = dict(hf_model(oss["mxfp4-src"]).named_parameters())
+    for folder in (dense, back):
+        got = dict(hf_model(folder).named_parameters())
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), (folder.name, k)

@@ -483,8 +483,8 @@ def _plan_dense(
             out.entries.append(TensorPlan(name, name, tuple(info.shape), None, None, info.nbytes))
         return out
     for v in family.float_tensors(ckpt.tensors, ckpt.read):  # decoded experts: bf16
-        info = ckpt.tensors.get(v.name)
-        nbytes = info.nbytes if info is not None else 2 * math.prod(v.shape)
+        stored = ckpt.tensors.get(v.name)
+        nbytes = stored.nbytes if stored is not None else 2 * math.prod(v.shape)
         out.entries.append(TensorPlan(v.name, v.name, v.shape, None, None, nbytes))
     return out
 

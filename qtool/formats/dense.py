@@ -10,6 +10,7 @@ safe margin and more precision than they carry; bfloat16 is what the originals m
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def write_dense(
         from qtool.models.base import FloatTensor
 
         views = [
-            FloatTensor(n, tuple(t.shape), lambda n=n: src.read(n)) for n, t in src.tensors.items()
+            FloatTensor(n, tuple(t.shape), partial(src.read, n)) for n, t in src.tensors.items()
         ]
 
     def tensors() -> Any:

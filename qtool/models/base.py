@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -217,7 +217,7 @@ class Family:
         """The checkpoint as float tensors, in order, for a dense safetensors export: every
         tensor as stored; families whose checkpoints hold encoded weights (gpt-oss's MXFP4
         experts) decode them into the layout transformers saves."""
-        return [FloatTensor(n, tuple(t.shape), lambda n=n: read(n)) for n, t in tensors.items()]
+        return [FloatTensor(n, tuple(t.shape), partial(read, n)) for n, t in tensors.items()]
 
     def stored_params(
         self, hf_name: str, shape: tuple[int, ...]

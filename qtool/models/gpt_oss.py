@@ -37,6 +37,7 @@ would compute differently in any other way are refused (:meth:`GptOss.check_moe`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
@@ -181,7 +182,7 @@ class GptOss(MoEFamily):
         for name, info in tensors.items():
             m = _EXPERTS.match(name)
             if m is None or m["part"] not in ("_blocks", "_scales"):
-                out.append(FloatTensor(name, tuple(info.shape), lambda n=name: read(n)))
+                out.append(FloatTensor(name, tuple(info.shape), functools.partial(read, name)))
             elif m["part"] == "_blocks":
                 e, rows, nb, _ = (int(x) for x in info.shape)
                 fused = f"{m['pre']}.{m['proj']}"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.moe.helpers import llama_cpp_source
+from tests.export.llamacpp_convert import llama_cpp_source
 
 
 @pytest.fixture(scope="session")

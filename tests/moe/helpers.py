@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 from tests.export.helpers import TINY_VOCAB, small_tokenizer
-
-LLAMA_CPP_PYTHON = "0.3.36"
-SRC_CACHE = Path(
-    os.environ.get("QTOOL_LLAMA_SRC_CACHE", Path.home() / ".cache" / "qtool" / "llama-src")
-)
 
 MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
 
@@ -42,31 +35,6 @@ def sparse_safetensors(
     with open(path / "model.safetensors", "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         f.truncate(8 + len(raw) + offset)
-
-
-def llama_cpp_source() -> Path:
-    """llama.cpp as vendored in the llama-cpp-python sdist (the library the tests run), fetched
-    with pip into a cache outside git on first use. Raises RuntimeError when it cannot."""
-    root = SRC_CACHE / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
-    if (root / "convert_hf_to_gguf.py").is_file():
-        return root
-    SRC_CACHE.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-            "-d", str(SRC_CACHE), f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
-        ],
-        capture_output=True,
-        text=True,
-    )  # fmt: skip
-    tarball = SRC_CACHE / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
-    if proc.returncode != 0 or not tarball.is_file():
-        raise RuntimeError(f"pip download of the llama-cpp-python sdist failed:\n{proc.stderr}")
-    with tarfile.open(tarball) as tf:
-        tf.extractall(SRC_CACHE, filter="data")
-    if not (root / "convert_hf_to_gguf.py").is_file():
-        raise RuntimeError(f"no convert_hf_to_gguf.py in {root}")
-    return root
 
 
 def llama_convert(src: Path, model: Path, out: Path, outtype: str) -> None:

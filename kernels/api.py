@@ -176,8 +176,8 @@ def _grid_codec(qtype: str | QuantType, name: str) -> Codec:
     if codec.code_range is None:
         grids = ", ".join(k for k, c in Codec.registry.items() if c.code_range is not None)
         raise CodecInputError(
-            f"{name}: {codec.qtype.name} stores plain floats, not a block grid of integer "
-            f"codes; block codes exist for {grids}"
+            f"{name}: {codec.qtype.name} has no affine grid of integer codes (a float type, or "
+            f"a table of values per block such as MXFP4's); affine codes exist for {grids}"
         )
     return codec
 

@@ -1007,10 +1007,15 @@ def _write_gguf(
         hf = hf_of.get(e.name)
         srcs = [s.removesuffix(".weight") for s in e.tensor.experts or e.tensor.sources]
         if hf is None and len(srcs) > 1 and all(s in o.grids for s in srcs):
-            parts = [_quantizer(ctx, o, s)() for s in srcs]  # MoE experts, in expert order
-            return dataclasses.replace(
-                parts[0], data=np.concatenate([np.asarray(p.data) for p in parts])
-            )
+            # MoE experts, in expert order, into one array (never all of them twice)
+            first = _quantizer(ctx, o, srcs[0])()
+            d0 = np.asarray(first.data)
+            n = d0.shape[0]
+            data = np.empty((n * len(srcs), *d0.shape[1:]), d0.dtype)
+            data[:n] = d0
+            for k, s in enumerate(srcs[1:], 1):
+                data[k * n : (k + 1) * n] = np.asarray(_quantizer(ctx, o, s)().data)
+            return dataclasses.replace(first, data=data)
         if hf is None:
             return None
         module = hf.removesuffix(".weight")

@@ -241,10 +241,19 @@ def test_wrong_shapes_and_dtypes() -> None:
 def test_float_types_have_no_grid(type_name: str) -> None:
     data = quantize(np.ones((2, 64), np.float32), type_name)
     for fn, extra in ((block_codes, ()), (block_affine, ()), (block_with_codes, (data,))):
-        e = _raises(f"t: {type_name} stores plain floats, not a block grid", fn, data,
+        e = _raises(f"t: {type_name} has no affine grid of integer codes", fn, data,
                     type_name, *extra, name="t")  # fmt: skip
         assert "Q4_K" in str(e)
     codec = codec_for(type_name)
     assert codec.code_range is None
     with pytest.raises(NotImplementedError, match="not a grid of integer codes"):
         codec.codes(data.reshape(-1, codec.qtype.type_size))
+
+
+def test_mxfp4_has_a_table_not_an_affine_grid() -> None:
+    """MXFP4's 16 values per block are not evenly spaced: no affine view, a table instead."""
+    data = quantize(np.linspace(-3, 3, 64, dtype=np.float32).reshape(2, 32), "MXFP4")
+    _raises("t: MXFP4 has no affine grid of integer codes", block_affine, data, "MXFP4", name="t")
+    codec = codec_for("MXFP4")
+    table = codec.table(data.reshape(-1, codec.qtype.type_size))  # type: ignore[attr-defined]
+    assert table.shape == (2, 16) and len(np.unique(np.diff(np.sort(table[0])))) > 1

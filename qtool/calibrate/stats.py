@@ -126,6 +126,7 @@ class HessianAccumulator:
         absmax: bool = False,
         dtype: torch.dtype = torch.float32,
     ) -> None:
+        self.columns = columns
         self.sum = torch.zeros(columns, columns, dtype=dtype, device=device)  # this group's
         self.hi: torch.Tensor | None = None  # the exact total so far: hi + lo (float64)
         self.lo: torch.Tensor | None = None
@@ -173,14 +174,20 @@ class HessianAccumulator:
         if self.absmax is not None:
             world.all_reduce_(self.absmax, "max")
 
-    def xtx(self) -> torch.Tensor:
-        """``sum x x^T`` (both triangles), in ``dtype``: the exact sum, rounded once."""
+    def xtx(self, *, release: bool = False) -> torch.Tensor:
+        """``sum x x^T`` (both triangles), in ``dtype``: the exact sum, rounded once.
+        ``release``: written over the (spent) batch-group sum and the sums freed (:meth:`release`)
+        instead of a new matrix beside them; the accumulator is done."""
         self.end_group()
         hi, lo = self.hi, self.lo
         assert hi is not None and lo is not None
         # block by block: a float64 temporary of one block, not three of the whole matrix
-        # (at 14336 columns, 8B's down_proj, those were 1.6 GB each)
-        out = torch.empty(self.sum.shape, dtype=self.sum.dtype, device=self.sum.device)
+        # (at 14336 columns, 8B's down_proj, those were 1.6 GB each); every entry is written
+        out = (
+            self.sum
+            if release
+            else torch.empty(self.sum.shape, dtype=self.sum.dtype, device=self.sum.device)
+        )
         for a, (i0, i1) in enumerate(self.blocks):
             for j0, j1 in self.blocks[a:]:
                 out[i0:i1, j0:j1] = hi[i0:i1, j0:j1] + lo[i0:i1, j0:j1]  # rounded once
@@ -188,12 +195,23 @@ class HessianAccumulator:
                     out[j0:j1, i0:i1] = out[i0:i1, j0:j1].T
             d = out[i0:i1, i0:i1]
             d.copy_(torch.triu(d) + torch.triu(d, diagonal=1).T)
+        if release:
+            self.release()
         return out
 
-    def hessian(self) -> torch.Tensor:
+    def hessian(self, *, release: bool = False) -> torch.Tensor:
+        """``2/n sum x x^T``; ``release``: as :meth:`xtx`'s (GPTQ's runner: the Hessian in the
+        memory of the float32 sum, the float64 pair freed)."""
         if self.rows == 0:
             raise QToolError("GPTQ: a layer received no calibration input")
-        return self.xtx().mul_(2.0 / self.rows)
+        return self.xtx(release=release).mul_(2.0 / self.rows)
+
+    def release(self) -> None:
+        """Free the sums (``rows`` and ``absmax`` stay): once the Hessian has been read out,
+        they are 20 bytes an entry the GPTQ solve that follows does not need."""
+        empty = torch.empty(0, 0, dtype=self.sum.dtype, device=self.sum.device)
+        self.sum, self.hi, self.lo = empty, None, None
+        self._pending = False
 
 
 class InputAccumulator:

@@ -78,14 +78,21 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Te
 
 def _inverse_cholesky_here(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
     mean_diag = float(torch.mean(torch.diag(h)))
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     d = damp
     while True:
-        hd = h + (d * mean_diag) * eye
+        # H + (d * mean) I, with no identity matrix nor scaled copy of it: the off-diagonal
+        # entries get the + 0.0 that adding the identity's zeros gives (-0.0 becomes 0.0), the
+        # diagonal the same float32 sum. At most two n x n matrices beside H at any time.
+        shift = torch.tensor(d * mean_diag, dtype=h.dtype, device=h.device)
+        hd = h + shift * 0.0
+        hd.diagonal().add_(shift)
         lower, info = torch.linalg.cholesky_ex(hd)
+        del hd
         if int(info) == 0:
             hinv = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0:
                 return upper, d
         if d >= 1.0:
@@ -116,7 +123,9 @@ def gptq_quantize(
     w = weight.detach().to(torch.float32).clone()
     if not torch.isfinite(w).all():
         raise BadInputError(f"{name}: the weight has NaN or infinite values")
-    h = hessian.to(device=w.device, dtype=torch.float32).clone()
+    # the caller's Hessian serves several grids and the error reports: changed only on a copy,
+    # and copied only when there is something to change (dead inputs, below)
+    h = hessian.to(device=w.device, dtype=torch.float32)
     rows, cols = w.shape
     blk = grid.columns(cols)
     n_blocks = -(-cols // blk)
@@ -129,7 +138,10 @@ def gptq_quantize(
         )
 
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    if bool(dead.any()):
+        if h.data_ptr() == hessian.data_ptr():
+            h = h.clone()
+        h[dead, dead] = 1.0
     w[:, dead] = 0.0
     importance = torch.diag(h) / 2.0  # mean x^2 per input channel
     importance[dead] = 0.0

@@ -8,6 +8,11 @@ between layers (``tokens x hidden``) and, for GPTQ, the inputs and outputs its p
 block); they go to host memory, or to disk when ``--max-memory`` says host memory cannot hold
 them. One layer's weights, the Hessians of the linears being solved and one batch's activations
 stay on the compute device.
+
+The host figure is the peak of a process, measured as RSS: the process itself is measured (with
+the libraries the run will import loaded first, :func:`run_rss`), the rest is derived from the
+shapes and dtypes. Phases that never overlap count once, at the largest: the embedding pass or
+a layer; within a GPTQ layer, collecting a Hessian or solving a linear (``_gptq_items``).
 """
 
 from __future__ import annotations
@@ -50,6 +55,28 @@ def current_rss() -> int:
         return 0
 
 
+def run_rss(model_type: str = "") -> int:
+    """:func:`current_rss` with the code every calibration run loads imported first: ``datasets``
+    (the documents), transformers' tokenizers and the model's class (the skeleton). A plan
+    made before they are imported (at the start, or for ``--dry-run``) would miss them: at
+    SmolLM2 or Llama 3.2 1B they are about 200 MiB of the process (400 MiB of 650 with torch)."""
+    import contextlib
+    import importlib
+
+    with contextlib.suppress(Exception):
+        importlib.import_module("datasets")
+    with contextlib.suppress(Exception):
+        transformers = importlib.import_module("transformers")
+        transformers.AutoTokenizer  # noqa: B018 - the lazy module imports on access
+        transformers.PreTrainedTokenizerFast  # noqa: B018
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+        if isinstance(name, str):
+            getattr(transformers, name)
+    return current_rss()
+
+
 @dataclass
 class Shape:
     """The numbers the plan needs, from config and headers."""
@@ -63,6 +90,8 @@ class Shape:
     embed_params: int
     linear_inputs: list[int]  # input widths of one layer's linears (Hessian sizes)
     linear_shapes: list[tuple[int, int]]
+    embed_stored_bytes: int = 0  # the embedding matrix as the checkpoint stores it
+    model_type: str = ""
 
 
 @dataclass
@@ -144,7 +173,7 @@ def plan_memory(
     :class:`BadInputError` naming the option that would make it fit when nothing does."""
     on_gpu = device != "cpu"
     compute = "device" if on_gpu else "host"
-    base = current_rss() if base_rss is None else base_rss
+    base = run_rss(shape.model_type) if base_rss is None else base_rss
     fixed = [
         Item("one layer's weights", shape.layer_params * dtype_bytes, compute),
         Item(
@@ -155,17 +184,7 @@ def plan_memory(
         ),
     ]
     if gptq:
-        # the Hessians of one stage (true-sequential: one input group; else the whole layer):
-        # 20 bytes an entry (the batch group's float32 sum and the exact float64 pair, see
-        # qtool.calibrate.stats.HessianAccumulator); the solver's float32 copies of the largest
-        # weight and of H^-1
-        ins = shape.linear_inputs
-        hess = max(ins) ** 2 * 20 if true_sequential else sum(i**2 * 20 for i in set(ins)) * 2
-        rows, cols = max(shape.linear_shapes, key=lambda rc: rc[0] * rc[1])
-        fixed.append(Item("Hessians being collected", hess, compute))
-        fixed.append(
-            Item("GPTQ solver (W, H^-1, codes)", rows * cols * 12 + cols * cols * 8, compute)
-        )
+        fixed += _gptq_items(shape, true_sequential, compute)
     else:
         fixed.append(
             Item("statistics accumulators", sum(ins * 64 for ins in shape.linear_inputs), compute)
@@ -176,13 +195,20 @@ def plan_memory(
             ("GPTQ: a tail linear's saved inputs", tokens * shape.intermediate * dtype_bytes),
             ("GPTQ: finished modules' outputs", tokens * shape.hidden * dtype_bytes),
         ]
-    embed = Item("embedding matrix (first pass only)", shape.embed_params * dtype_bytes, compute)
+    # the embedding pass comes before any layer: it peaks at the matrix as read (as stored)
+    # and, when the compute dtype differs, its converted copy
+    embed_bytes = shape.embed_params * dtype_bytes
+    if shape.embed_stored_bytes and shape.embed_stored_bytes != embed_bytes:
+        embed_bytes += shape.embed_stored_bytes
+    layer_phase = sum(i.bytes for i in fixed if i.where == compute)
 
     def make(place: str) -> MemoryPlan:
         p = MemoryPlan(device, dtype, list(fixed), place, base, budget_host, budget_device)
         p.items += [Item(w, b, place if place != "device" else compute) for w, b in caches]
-        if embed.bytes > fixed[0].bytes:  # the embedding pass peaks above one layer
-            p.items.append(Item("embedding above one layer", embed.bytes - fixed[0].bytes, compute))
+        if embed_bytes > layer_phase:  # the embedding pass peaks above a layer's
+            p.items.append(
+                Item("embedding pass above a layer's", embed_bytes - layer_phase, compute)
+            )
         return p
 
     choices = (["device"] if on_gpu else []) + ["host", "disk"]
@@ -210,6 +236,47 @@ def plan_memory(
     )
 
 
+def _gptq_items(shape: Shape, true_sequential: bool, compute: str) -> list[Item]:
+    """What a GPTQ layer holds beside its weights, at the larger of its two peaks (they never
+    overlap: an accumulator's sums are freed once its Hessian is read out).
+
+    *Collecting* the Hessian of an input ``c`` columns wide: the accumulator's float32 batch
+    sum and exact float64 pair (20 bytes an entry, :class:`qtool.calibrate.stats.
+    HessianAccumulator`; the Hessian is read out over the float32 sum) and the float64
+    temporaries of one of its column blocks as a batch group is added in (three, of at most
+    4 x 4 blocks). Without true-sequential every linear's is collected in one pass (an upper
+    bound: linears sharing an input share one).
+
+    *Solving* a ``rows x c`` linear (:func:`qtool.methods.gptq.gptq_quantize`): its Hessian, the
+    float32 weight read exactly and the solver's working copy (``8 rows c``), and two ``c x c``
+    float32 matrices at once while the inverse's Cholesky factor is made (``H + damp I`` and
+    its factor, the factor and the inverse, the inverse and its factor: ``12 c^2`` with the
+    Hessian); then the error reports, beside the Hessian and the weight: the dequantized GPTQ
+    and RTN weights, a difference and its product with ``H`` and with itself (``24 rows c``).
+    Without true-sequential the other linears' Hessians stay too.
+
+    The finished linears' codes (one byte a weight) wait in host memory for the layer's end."""
+    ins = shape.linear_inputs
+    c_collect = max(ins)
+    block = c_collect // max(1, min(4, c_collect // 256))  # HessianAccumulator.BLOCK: 256
+    fold = 24 * block * block
+    if true_sequential:
+        collect, others = 20 * c_collect**2 + fold, 0
+    else:
+        collect, others = 20 * sum(i * i for i in ins) + fold, 4 * sum(i * i for i in ins)
+    solve, worst = 0, shape.linear_shapes[0]
+    for rows, cols in shape.linear_shapes:
+        here = max(12 * cols * cols + 8 * rows * cols, 4 * cols * cols + 24 * rows * cols)
+        here += others - 4 * cols * cols if others else 0
+        if here > solve:
+            solve, worst = here, (rows, cols)
+    if collect >= solve:
+        stage = Item(f"GPTQ: collecting a {c_collect}-column Hessian", collect, compute)
+    else:
+        stage = Item(f"GPTQ: solving a {worst[0]}x{worst[1]} linear", solve, compute)
+    return [stage, Item("GPTQ: the layer's finished codes", shape.layer_params, "host")]
+
+
 def shape_of(ckpt: Any) -> Shape:
     """The plan's numbers from a checkpoint's config and tensor headers."""
     from qtool.models import family_for
@@ -218,14 +285,14 @@ def shape_of(ckpt: Any) -> Shape:
     spec = ModelSpec.from_config(ckpt.config)
     family = family_for(ckpt.config, strict=False)
     layer_params: dict[int, int] = {}
-    embed = 0
+    embed = embed_stored = 0
     inputs: list[int] = []
     shapes: list[tuple[int, int]] = []
     for name, info in ckpt.tensors.items():
         i = family.layer_index(name)
         if i is None:
-            if "embed" in name:
-                embed = max(embed, info.numel)
+            if "embed" in name and info.numel > embed:
+                embed, embed_stored = info.numel, info.nbytes
             continue
         layer_params[i] = layer_params.get(i, 0) + info.numel
         if i == 0 and family.is_linear(name, tuple(info.shape)):
@@ -241,4 +308,6 @@ def shape_of(ckpt: Any) -> Shape:
         embed_params=embed,
         linear_inputs=inputs or [spec.hidden],
         linear_shapes=shapes or [(spec.hidden, spec.hidden)],
+        embed_stored_bytes=embed_stored,
+        model_type=str(ckpt.config.get("model_type", "")),
     )

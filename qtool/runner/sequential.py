@@ -666,26 +666,36 @@ def _quantize_layer(
             ]
             owner = assign([_cost(linears[n]) for _, n, _ in jobs], world.size)
             solved: dict[int, tuple[QuantizedTensor, LinearReport]] = {}
+            # each group's Hessian read out (where this rank solves one of its jobs) over its
+            # accumulator's float32 sum, and the float64 pair freed: 5x the Hessian's bytes,
+            # which the solver's own matrices would come on top of (the memory plan counts
+            # one or the other)
+            owned = {g[0] for k, (g, _, _) in enumerate(jobs) if owner[k] == world.rank}
             hessians: dict[str, torch.Tensor] = {}
+            for g in stage_groups:
+                acc = accs[g[0]]
+                if g[0] in owned:  # no input at all: errors measured on nothing
+                    hessians[g[0]] = (
+                        acc.hessian(release=True)
+                        if acc.rows
+                        else torch.zeros(acc.columns, acc.columns, device=device)
+                    )
+                acc.release()
             exact: dict[str, tuple[torch.Tensor, float]] = {}  # per linear, whatever its grids
+            last_job = {name: k for k, (_, name, _) in enumerate(jobs)}
             for k, (g, name, grid) in enumerate(jobs):
                 if owner[k] != world.rank:
                     continue
                 acc = accs[g[0]]
                 if name not in exact:
                     w = _exact_weight(session, prefix + name, linears[name])
-                    if g[0] not in hessians:  # no input at all: errors measured on nothing
-                        hessians[g[0]] = (
-                            acc.hessian()
-                            if acc.rows
-                            else torch.zeros(w.shape[1], w.shape[1], device=w.device)
-                        )
                     exact[name] = (w, _hessian_error(w, hessians[g[0]]))
                 starved = g[0] in experts and acc.rows < MIN_EXPERT_TOKENS
-                w, ref = exact[name]
+                w, ref = exact.pop(name) if last_job[name] == k else exact[name]
                 solved[k] = _solve(
                     session, w, ref, prefix + name, grid, hessians[g[0]], acc, starved, opts
                 )
+                del w
             del hessians, exact
             if world.active:
                 solved = _exchange(world, jobs, prefix, solved)

@@ -21,6 +21,7 @@ def _readme_example() -> str:
     return m.group(1)
 
 
+@pytest.mark.slow  # 170 s: GPTQ of all 210 SmolLM2 linears on Q4_K/Q6_K blocks
 def test_readme_api_example_runs_as_written(assets, tmp_path: Path, monkeypatch) -> None:
     """The snippet uses the default asset location (`make assets`)."""
     default = Path.home() / ".cache" / "qtool" / "assets"

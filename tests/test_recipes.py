@@ -49,7 +49,15 @@ def test_every_example_recipe_validates() -> None:
         assert recipe.outputs
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+# the GPTQ recipes but the one with three outputs run in `make test-slow` (~60 s together)
+SLOW_RECIPES = {"smoothquant-gptq", "gptq-w4a16-g128", "gptq-q4_k_m"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=[pytest.mark.slow] if p.stem in SLOW_RECIPES else []) for p in RECIPES],
+    ids=[p.stem for p in RECIPES],
+)
 def test_example_recipe_runs_and_reproduces(tiny: Path, tmp_path: Path, path: Path) -> None:
     recipe = load(path)
     out = tmp_path / "first"

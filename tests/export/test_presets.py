@@ -85,7 +85,7 @@ def test_pure_matches_llama_quantize(cli, tiny, tmp_path: Path) -> None:
     check(cli, *tiny, tmp_path, "Q3_K_M", "--pure", *TP, pure=True)
 
 
-SMOLLM2_DEFAULT = ["Q4_K_M", "Q3_K_M"]
+SMOLLM2_DEFAULT = ["Q4_K_M"]  # the others (Q3_K_M included: 27 s) in `make test-slow`
 
 
 @pytest.mark.parametrize(

@@ -90,7 +90,11 @@ def test_calibrate_router_stats_and_imatrix(cli, models, tmp_path: Path) -> None
 
 
 # the MXFP4 checkpoint differs only in how the experts are read (test_per_expert_block_...)
-@pytest.mark.parametrize("layout", ["float", pytest.param("mxfp4", marks=pytest.mark.slow)])
+# both layouts in `make test-slow`: per-expert GPTQ of gpt-oss stays in the default suite through
+# test_gptq_mxfp4_moe and tests/moe/test_gpt_oss_mxfp4.py, the starved-expert fallback through
+# tests/moe/test_moe_calibrate_gptq.py
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["float", "mxfp4"])
 def test_gptq_per_expert(cli, models, tmp_path: Path, layout: str) -> None:
     """GPTQ (Q4_K_M grids) per expert; 32 tokens x top-2 over 4 experts leaves some with fewer
     than 32, rounded to nearest with a warning; with --all-experts every expert is GPTQ'd and

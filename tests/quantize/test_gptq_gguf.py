@@ -191,7 +191,10 @@ def _decoded_linears(ggml, path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("preset", ["Q4_K_M", "Q3_K_M", "Q4_0", "Q6_K"])
+@pytest.mark.parametrize(
+    "preset",
+    ["Q4_K_M", *(pytest.param(p, marks=pytest.mark.slow) for p in ("Q3_K_M", "Q4_0", "Q6_K"))],
+)
 def test_model_gptq_gguf_matches_llamacpp_types_and_beats_its_preset(
     ggml, tiny, tmp_path: Path, preset: str
 ) -> None:

@@ -121,6 +121,7 @@ def test_every_linear_beats_rtn(tiny32: Path, tmp_path: Path) -> None:
         assert r["gptq_rel_error"] < r["rtn_rel_error"], r
 
 
+@pytest.mark.slow  # 110 s; the tiny model's every-linear check above stays in the default suite
 def test_smollm2_every_layer_beats_rtn(assets, tmp_path: Path) -> None:
     """On SmolLM2 and real text (Canterbury), GPTQ's ||WX - QX|| / ||WX|| is below RTN's for
     every linear of all 30 layers (210), each measured on the inputs that layer really sees
@@ -155,7 +156,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize("every", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_killed_run_resumes_to_the_same_bytes(deep_tok: Path, tmp_path: Path, every: int) -> None:
     """Killed right after layer 4 was recorded, resumed, identical bytes. ``every``: layers
     between hidden-state checkpoints (3: the last one holds layer 3's input, and the resumed run

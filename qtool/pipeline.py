@@ -425,7 +425,7 @@ def _plan_mxfp4(
     from qtool.grids.gguf import GGUFGrid
 
     fused_of = getattr(family, "fused_experts", None)
-    if fused_of is None or family.safetensors_outputs is None:
+    if fused_of is None:
         raise UnsupportedError(
             f"{family.model_type}: the mxfp4 format holds gpt-oss's fused MoE experts "
             "(transformers' Mxfp4 layout)",
@@ -1234,12 +1234,13 @@ def _write_mxfp4(
 
     assert o.path is not None
     fused = ctx.plan.family.fused_experts(ctx.hf.tensors)  # type: ignore[attr-defined]
+    methods = _module_counts(o)
     res = write_mxfp4(
         ctx.hf,
         o.path,
         fused,
         {m: _quantizer(ctx, o, m) for m in o.grids},
-        card={"source": ctx.plan.source.source, "methods": _module_counts(o),
+        card={"source": ctx.plan.source.source, "methods": methods,
               **ctx.calibration_card},
         measure=_measurer(ctx, opts, [r for r in ctx.reports if r["name"] in o.grids])
         if (opts.measure_dataset or ctx.reports)
@@ -1247,7 +1248,7 @@ def _write_mxfp4(
         recipe=recipe,
         reporter=reporter,
     )  # fmt: skip
-    return {**res, "methods": _module_counts(o)}
+    return {**res, "methods": methods}
 
 
 def _module_counts(o: OutputPlan) -> dict[str, int]:

@@ -10,7 +10,6 @@ safe margin and more precision than they carry; bfloat16 is what the originals m
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +39,12 @@ def write_dense(
     path: Path,
     dtype: str = "auto",
     *,
+    family: Any,
     recipe: dict[str, Any] | None = None,
     reporter: Reporter = SILENT,
-    family: Any = None,
 ) -> dict[str, Any]:
     """``family``: how to read the checkpoint as floats (:meth:`qtool.models.Family.
-    float_tensors`: gpt-oss's MXFP4 experts decoded); every tensor as stored without it."""
+    float_tensors`: every tensor as stored, gpt-oss's MXFP4 experts decoded)."""
     import torch
 
     from qtool.formats.folder import folder_files, write_folder
@@ -56,14 +55,7 @@ def write_dense(
     tdtype = getattr(torch, name)
     params = 0
 
-    if family is not None:
-        views = family.float_tensors(src.tensors, src.read)
-    else:
-        from qtool.models.base import FloatTensor
-
-        views = [
-            FloatTensor(n, tuple(t.shape), partial(src.read, n)) for n, t in src.tensors.items()
-        ]
+    views = family.float_tensors(src.tensors, src.read)
 
     def tensors() -> Any:
         nonlocal params

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.export.helpers import TINY_VOCAB, small_tokenizer
 
@@ -54,6 +56,36 @@ def llama_convert(src: Path, model: Path, out: Path, outtype: str) -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def converter_pair(
+    src: Path, model: Path, f32: Path, outtype: str, tmp: Path, export: Callable[..., None]
+) -> tuple[Path, Path]:
+    """(llama.cpp's converter output, qtool's) for ``outtype``: the converter run on ``model``;
+    qtool's F32 file given (``f32``), any other type exported by ``export(model, out, type)``."""
+    ref = tmp / f"ref-{outtype}.gguf"
+    llama_convert(src, model, ref, outtype.lower())
+    if outtype == "F32":
+        return ref, f32
+    mine = tmp / f"qtool-{outtype}.gguf"
+    export(model, mine, outtype)
+    return ref, mine
+
+
+def moe_layer(path: Path) -> tuple[Any, Any, Any]:
+    """(checkpoint, decoder layer 1 with its weights loaded in float32, its MoE block) as the
+    layer runner builds them."""
+    import torch
+
+    from qtool.checkpoint import open_checkpoint
+    from qtool.runner.layers import WeightLoader, _parts, build_skeleton
+    from qtool.runner.moe import MoEBlock
+
+    ckpt = open_checkpoint(str(path))
+    layer = _parts(build_skeleton(ckpt, torch.float32)).layers[1]
+    assert isinstance(layer.mlp, MoEBlock)
+    WeightLoader(ckpt, torch.device("cpu"), torch.float32).load(layer, "model.layers.1.")
+    return ckpt, layer, layer.mlp
 
 
 def build_tiny_moe(

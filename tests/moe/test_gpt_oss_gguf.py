@@ -28,7 +28,7 @@ from tests.moe.helpers import (
     GPT_OSS_YARN,
     assert_same_as_converter,
     build_tiny_gpt_oss,
-    llama_convert,
+    converter_pair,
 )
 
 TP = ("--tokenizer-pre", "smollm")
@@ -62,12 +62,7 @@ def test_equals_llama_cpp_converter(oss, llama_src: Path, tmp_path: Path, layout
 
     model, f32 = oss[layout]
     for outtype in ("F32", "F16"):
-        ref = tmp_path / f"ref-{outtype}.gguf"
-        llama_convert(llama_src, model, ref, outtype.lower())
-        mine = f32
-        if outtype != "F32":
-            mine = tmp_path / f"qtool-{outtype}.gguf"
-            _export(model, mine, outtype)
+        ref, mine = converter_pair(llama_src, model, f32, outtype, tmp_path, _export)
         b = assert_same_as_converter(ref, mine)
         mine_t = {t.name: t for t in GGUFReader(str(mine)).tensors}
         experts = sorted(n for n in mine_t if "_exps.weight" in n)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.export.helpers import llama_logits
-from tests.moe.helpers import build_tiny_gpt_oss
+from tests.moe.helpers import build_tiny_gpt_oss, moe_layer
 
 DATA = ("-d", "canterbury", "-n", "2", "-L", "16", "--device", "cpu")  # 32 tokens, 4 experts
 TP = ("--tokenizer-pre", "smollm")
@@ -32,20 +32,13 @@ def models(assets, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_per_expert_block_matches_transformers(models, layout: str) -> None:
     from transformers import AutoModelForCausalLM
 
-    from qtool.checkpoint import open_checkpoint
-    from qtool.runner.layers import WeightLoader, _parts, build_skeleton
-    from qtool.runner.moe import MoEBlock, take_routed
+    from qtool.runner.moe import take_routed
 
-    ckpt = open_checkpoint(str(models[layout]))
-    skel = build_skeleton(ckpt, torch.float32)
-    layer = _parts(skel).layers[1]
-    block = layer.mlp
-    assert isinstance(block, MoEBlock)
+    _, layer, block = moe_layer(models[layout])
     names = {n for n, _ in layer.named_parameters()}
     assert {"mlp.router.bias", "mlp.experts.3.up_proj.weight", "mlp.experts.3.down_proj.bias"} <= (
         names
     )
-    WeightLoader(ckpt, torch.device("cpu"), torch.float32).load(layer, "model.layers.1.")
     hf = AutoModelForCausalLM.from_pretrained(models[layout], dtype=torch.float32)
     ref_block = hf.model.layers[1].mlp
     ref_experts = ref_block.experts

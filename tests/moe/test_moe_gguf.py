@@ -6,12 +6,13 @@ llama.cpp's logits on the file match transformers' on the checkpoint."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from tests.export.helpers import compare_files, llama_logits, llama_quantize
-from tests.moe.helpers import MOE_ARCHS, assert_same_as_converter, build_tiny_moe, llama_convert
+from tests.moe.helpers import MOE_ARCHS, assert_same_as_converter, build_tiny_moe, converter_pair
 
 TP = ("--tokenizer-pre", "smollm")
 
@@ -36,19 +37,21 @@ def tiny(assets, tmp_path_factory: pytest.TempPathFactory):
     return out
 
 
+def _exporter(cli: Any) -> Any:
+    def export(model: Path, out: Path, outtype: str) -> None:
+        r = cli("-q", "export", model, "--outtype", outtype, "-o", out, *TP)
+        assert r.exit_code == 0, r.stderr
+
+    return export
+
+
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_equals_llama_cpp_converter(cli, tiny, llama_src: Path, tmp_path: Path, arch: str) -> None:
     from gguf import GGUFReader
 
     model, f32 = tiny[arch]
     for outtype in ("F32", "F16"):
-        ref = tmp_path / f"ref-{outtype}.gguf"
-        llama_convert(llama_src, model, ref, outtype.lower())
-        mine = f32
-        if outtype != "F32":
-            mine = tmp_path / f"qtool-{outtype}.gguf"
-            r = cli("-q", "export", model, "--outtype", outtype, "-o", mine, *TP)
-            assert r.exit_code == 0, r.stderr
+        ref, mine = converter_pair(llama_src, model, f32, outtype, tmp_path, _exporter(cli))
         b = assert_same_as_converter(ref, mine)
         shapes = {t.name: list(t.shape) for t in GGUFReader(str(mine)).tensors}
         experts = [n for n in shapes if "_exps" in n]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.moe.helpers import MOE_ARCHS, build_tiny_moe
+from tests.moe.helpers import MOE_ARCHS, build_tiny_moe, moe_layer
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +28,9 @@ def _fused_state_dict(model: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_per_expert_block_matches_transformers(models, arch: str) -> None:
-    from qtool.checkpoint import open_checkpoint
-    from qtool.runner.layers import WeightLoader, _parts, build_skeleton
-    from qtool.runner.moe import MoEBlock, take_routed
+    from qtool.runner.moe import take_routed
 
-    ckpt = open_checkpoint(str(models[arch]))
-    skel = build_skeleton(ckpt, torch.float32)
-    layer = _parts(skel).layers[1]
-    block = layer.mlp
-    assert isinstance(block, MoEBlock)
+    _, layer, block = moe_layer(models[arch])
     names = {n for n, _ in layer.named_parameters()}
     disk = (
         "block_sparse_moe.experts.3.w1.weight"
@@ -44,7 +38,6 @@ def test_per_expert_block_matches_transformers(models, arch: str) -> None:
         else "mlp.experts.3.gate_proj.weight"
     )
     assert disk in names  # the checkpoint's own names
-    WeightLoader(ckpt, torch.device("cpu"), torch.float32).load(layer, "model.layers.1.")
     _, hf = _fused_state_dict(models[arch])
     ref_block = hf.model.layers[1].mlp
     x = torch.randn(2, 24, 256)

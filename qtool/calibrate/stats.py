@@ -84,7 +84,14 @@ def fold(hi: torch.Tensor, lo: torch.Tensor, p: torch.Tensor) -> None:
     the ``n`` values added to one entry must lie within about ``2^(53 - 2 log2 n)`` of each
     other in magnitude (float64 partials; ``2^(82 - 2 log2 n)`` for float32 ones, GPTQ's),
     with ``n`` at most :data:`qtool.runner.dist.GROUPS` plus the ranks. Exact sums do not
-    depend on the order of the additions."""
+    depend on the order of the additions. On the CPU a compiled loop does the same operations
+    entry by entry (:func:`qtool.kernels.columns.fold`): one pass, no temporaries."""
+    from qtool.kernels import columns
+
+    if columns.AVAILABLE and hi.device.type == "cpu" and p.device.type == "cpu" and hi.dim() <= 2:
+        v = [t.reshape(1, -1) if t.dim() < 2 else t for t in (hi, lo, p)]  # views
+        columns.fold(*(t.numpy() for t in v))
+        return
     p = p.to(torch.float64, copy=True)  # a scratch copy: the steps below work in place
     s = hi + p
     b = s - hi  # the part of p that made it into s

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 
 from qtool.errors import BadInputError
-from qtool.grids.base import Fit, Grid
+from qtool.grids.base import AffineForm, Fit, Grid
 
 Granularity = Literal["tensor", "channel", "group"]
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -258,6 +258,9 @@ class _IntFit(Fit):
         # as quantize_codes / fake_quantize, inlined: GPTQ calls this once per column
         q = torch.clamp(torch.round(x / self.scale) + self.zf, self.lo, self.maxq)
         return q, (q - self.zf) * self.scale
+
+    def affine(self) -> AffineForm:
+        return AffineForm(self.scale[:, None], self.zf[:, None], self.lo, self.maxq, False)
 
 
 def _round_scale(scale: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:

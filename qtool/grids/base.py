@@ -22,6 +22,7 @@ quantized tensors its layout can hold. Grids import no method and no format.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 
@@ -48,6 +49,26 @@ class Fit(ABC):
     @abstractmethod
     def quantize(self, j: int, x: Any) -> tuple[Any, Any]:
         """Codes (an integer tensor) and values (float32) of column ``j`` of the block."""
+
+    def affine(self) -> AffineForm | None:
+        """The fit as affine parameters, when :meth:`quantize` is one of the two affine forms
+        a compiled solver runs (:func:`qtool.kernels.columns.gptq_rows`); None otherwise."""
+        return None
+
+
+@dataclass(frozen=True)
+class AffineForm:
+    """What :meth:`Fit.quantize` computes, as parameters: ``scale`` and ``base`` float32
+    ``[rows, k]`` (``k`` = 1: one pair for every column of the block; else one per column),
+    codes in ``[lo, hi]``. ``offset_form`` False: ``q = clamp(round(x / s) + z)``,
+    ``x' = (q - z) s`` (``base`` = the zero point ``z``); True: ``q = clamp(round((x - b) / s))``
+    (0 where ``s`` = 0), ``x' = s q + b`` (``base`` = the offset ``b``)."""
+
+    scale: Any
+    base: Any
+    lo: float
+    hi: float
+    offset_form: bool
 
 
 class Grid(ABC):

@@ -22,7 +22,7 @@ import torch
 from qtool.kernels.types import QuantType, get_type
 
 from qtool.errors import BadInputError
-from qtool.grids.base import Fit, Grid
+from qtool.grids.base import AffineForm, Fit, Grid
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
@@ -57,21 +57,34 @@ class GGUFWeight:
 
 
 class _BlockFit(Fit):
-    """A GGUF block fitted by the codec: its bytes and the affine form of every weight."""
+    """A GGUF block fitted by the codec: its bytes, and the affine form of every weight (made
+    when first asked for: the compiled solver copies it once and this object never keeps it)."""
 
     def __init__(self, data: np.ndarray, qtype: str) -> None:
+        self.data = data  # uint8 [rows, type_size]
+        self.qtype = qtype
+        self._params: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float] | None = None
+
+    def affine(self) -> AffineForm:
         from qtool.kernels import block_affine
 
-        self.data = data  # uint8 [rows, type_size]
-        scale, offset, self.lo, self.hi = block_affine(data, qtype)
-        self.scale = torch.from_numpy(np.ascontiguousarray(scale, np.float32))
-        self.offset = torch.from_numpy(np.ascontiguousarray(offset, np.float32))
-        self.nonzero = self.scale != 0
+        scale, offset, lo, hi = block_affine(self.data, self.qtype)
+        return AffineForm(
+            torch.from_numpy(np.ascontiguousarray(scale, np.float32)),
+            torch.from_numpy(np.ascontiguousarray(offset, np.float32)),
+            float(lo),
+            float(hi),
+            True,
+        )
 
     def quantize(self, j: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s, b = self.scale[:, j], self.offset[:, j]
-        ratio = torch.where(self.nonzero[:, j], (x - b) / torch.where(self.nonzero[:, j], s, 1), 0)
-        q = torch.clamp(torch.round(ratio), self.lo, self.hi)
+        if self._params is None:
+            form = self.affine()
+            self._params = (form.scale, form.base, form.scale != 0, form.lo, form.hi)
+        scale, offset, nonzero, lo, hi = self._params
+        s, b, nz = scale[:, j], offset[:, j], nonzero[:, j]
+        ratio = torch.where(nz, (x - b) / torch.where(nz, s, 1), 0)
+        q = torch.clamp(torch.round(ratio), lo, hi)
         return q.to(torch.int32), s * q + b
 
 

@@ -13,6 +13,11 @@ GPTQ reaches it (on the columns as the error feedback has updated them), or up f
 groups; GPTQ then picks every code on that block's grid. The fit is weighted by each input
 channel's mean ``x^2`` (``diag(H) / 2``), the importance llama.cpp's ``--imatrix`` gives its
 block searches; the integer grid uses it only in its ``mse`` clipping search.
+
+On the CPU the column loop of a lazy batch is compiled (:mod:`qtool.kernels.columns`) for every
+grid whose fits are affine (:meth:`qtool.grids.base.Fit.affine`): a tensor loop spends some 25
+small dispatches per column, most of a solve's time at small widths. The weight is held
+transposed (a column per contiguous row) so that each rank-1 update runs across the rows.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from qtool.errors import BadInputError, QToolError
@@ -120,7 +126,10 @@ def gptq_quantize(
     ``g_idx``); a GGUF block is a fixed range of columns, so act-order there needs static
     groups."""
     grid.check(name, tuple(weight.shape))
-    w = weight.detach().to(torch.float32).clone()
+    # the columns as rows (``wt`` ``[in, out]``): a column is contiguous, so its rank-1 updates
+    # run across the weight's rows in vector registers; ``w`` is the ``[out, in]`` view of it
+    wt = weight.detach().to(torch.float32).t().clone(memory_format=torch.contiguous_format)
+    w = wt.t()
     if not torch.isfinite(w).all():
         raise BadInputError(f"{name}: the weight has NaN or infinite values")
     # the caller's Hessian serves several grids and the error reports: changed only on a copy,
@@ -158,52 +167,153 @@ def gptq_quantize(
     perm = torch.arange(cols, device=w.device)
     if config.act_order:
         perm = torch.argsort(torch.diag(h), descending=True, stable=True)
-        w, h = w[:, perm], h[perm][:, perm]
+        wt, h = wt[perm], h[perm][:, perm]
+        w = wt.t()
     hinv, damp_used = _inverse_cholesky(h, config.damp, name)
     del h
 
-    codes = torch.zeros(rows, cols, dtype=torch.int32, device=w.device)
+    codes_t = torch.zeros(cols, rows, dtype=torch.int32, device=w.device)  # by position
     # the block of each visited position, and the column's index inside it: the original
     # column's when blocks are static, the visiting position's otherwise
     orig = perm if static else torch.arange(cols, device=w.device)
     pos_block = (orig // blk).tolist()
     pos_j = (orig % blk).tolist()
+    compiled = _Compiled.open(w, n_blocks, blk, pos_block, pos_j)
+    if compiled is not None:
+        for b, f in enumerate(fits):
+            if f is not None and not compiled.add(b, f):
+                compiled = None
+                break
     losses = torch.zeros(cols, dtype=torch.float32, device=w.device)
     for i1 in range(0, cols, config.block_size):
         i2 = min(i1 + config.block_size, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        wt1 = wt[i1:i2]  # this lazy batch's columns, updated in place
+        errt = torch.zeros_like(wt1)
+        hinv1 = hinv[i1:i2, i1:i2].contiguous()
+        i = 0
+        while i < i2 - i1:
             col = i1 + i
             b = pos_block[col]
             if fits[b] is None:  # a dynamic block starts: fit its columns as they are now
-                # updated ones in this lazy batch, the rest (beyond it) as updated by earlier ones
+                # (updated by every column before it, in this batch and the earlier ones)
                 end = min(col + blk, cols)
-                if end <= i2:
-                    cur = w1[:, i : i + end - col]
-                else:
-                    cur = torch.cat([w1[:, i:], w[:, i2:end]], dim=1)
-                fits[b] = grid.fit(cur, importance[perm[col:end]], state)
-            fit = fits[b]
-            assert fit is not None
-            x = w1[:, i]
-            q, xq = fit.quantize(pos_j[col], x)
-            codes[:, col] = q.to(torch.int32)
-            d = hinv1[i, i]
-            losses[col] = (x - xq).square().sum() / (d * d) / 2.0
-            e = (x - xq) / d
-            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)
-            err1[:, i] = e
-        w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)
+                fits[b] = grid.fit(wt[col:end].t(), importance[perm[col:end]], state)
+                if compiled is not None and not compiled.add(b, fits[b]):
+                    compiled = None
+            # the columns whose parameters are known now: the batch's rest (static blocks), or
+            # up to the next dynamic block's start
+            stop = i2 - i1 if static else min(i2, (b + 1) * blk) - i1
+            if compiled is not None:
+                compiled.columns(wt1, hinv1, errt, codes_t, i, stop, i1)
+                i = stop
+                continue
+            for i in range(i, stop):  # noqa: B020 - the loop goes on from where it stops
+                col = i1 + i
+                fit = fits[pos_block[col]]
+                assert fit is not None
+                x = wt1[i]
+                q, xq = fit.quantize(pos_j[col], x)
+                codes_t[col] = q.to(torch.int32)
+                e = (x - xq) / hinv1[i, i]
+                # w - h e, the product rounded before the difference (addr_ may fuse them
+                # into one FMA on some elements and not others: CPU-dependent bits)
+                wt1[i:].sub_(torch.outer(hinv1[i, i:], e))
+                errt[i] = e
+            i = stop
+        # the reference's Losses: (w - q)^2 / [H^-1]_cc^2 / 2 summed over rows, i.e. e^2 / 2
+        losses[i1:i2] = errt.square().sum(dim=1) / 2.0
+        wt[i2:].addmm_(hinv[i1:i2, i2:].t(), errt, alpha=-1.0)
     objective = float(losses.sum())
 
     g_idx: torch.Tensor | None = None  # None: natural order c // block
     if config.act_order:
         inv = torch.argsort(perm)
-        codes = codes[:, inv]
+        codes_t = codes_t[inv]
         if not static:
             g_idx = torch.tensor(pos_block, device=w.device)[inv].to(torch.int32).cpu()
     final = [f for f in fits if f is not None] if not grid.tensor_wide else fits[:1]
-    qw = grid.assemble(name, (rows, cols), final, codes.cpu(), g_idx)  # type: ignore[arg-type]
+    qw = grid.assemble(name, (rows, cols), final, codes_t.t().cpu(), g_idx)  # type: ignore[arg-type]
     return GPTQResult(qw, damp_used, objective)
+
+
+class _Compiled:
+    """The compiled column loop (:func:`qtool.kernels.columns.gptq_rows`) on the CPU, for fits
+    of an affine form (every integer grid, the GGUF block types with integer codes): every
+    block's parameters gathered in ``scale``/``base`` ``[m, rows]`` as the fits arrive, and the
+    parameter row of each visited position in ``sel``. The same float32 operations as the tensor
+    loop, in the same order: the same codes, bit for bit (``tests/kernels/test_columns.py``)."""
+
+    def __init__(
+        self, w: torch.Tensor, n_blocks: int, blk: int, pos_block: list[int], pos_j: list[int]
+    ) -> None:
+        self.rows = w.shape[0]
+        self.n_blocks, self.blk = n_blocks, blk
+        self.pos_block, self.pos_j = pos_block, pos_j
+        self.form: tuple[int, float, float, bool] | None = None  # k, lo, hi, offset_form
+        self.scale = self.base = torch.empty(0)
+        self.sel = np.empty(0, np.int64)
+
+    @classmethod
+    def open(
+        cls, w: torch.Tensor, n_blocks: int, blk: int, pos_block: list[int], pos_j: list[int]
+    ) -> _Compiled | None:
+        from qtool.kernels import columns
+
+        if not columns.AVAILABLE or w.device.type != "cpu":
+            return None
+        return cls(w, n_blocks, blk, pos_block, pos_j)
+
+    def add(self, b: int, fit: Fit) -> bool:
+        """Take block ``b``'s parameters; False if the fit has no affine form the loop runs
+        (or not the form of the blocks before it)."""
+        form = fit.affine()
+        if form is None:
+            return False
+        k = int(form.scale.shape[1])
+        key = (k, float(form.lo), float(form.hi), bool(form.offset_form))
+        if self.form is None:
+            if k != 1 and k != self.blk:
+                return False
+            self.form = key
+            self.scale = torch.zeros(self.n_blocks * k, self.rows, dtype=torch.float32)
+            self.base = torch.zeros_like(self.scale)
+            pb = np.asarray(self.pos_block, np.int64)
+            self.sel = pb if k == 1 else pb * k + np.asarray(self.pos_j, np.int64)
+        elif key != self.form:
+            return False
+        self.scale[b * k : (b + 1) * k] = form.scale.t().to(torch.float32)
+        self.base[b * k : (b + 1) * k] = form.base.t().to(torch.float32)
+        return True
+
+    def columns(
+        self,
+        wt1: torch.Tensor,
+        hinv1: torch.Tensor,
+        errt: torch.Tensor,
+        codes_t: torch.Tensor,
+        a: int,
+        b: int,
+        col0: int,
+    ) -> None:
+        """Batch columns ``a..b-1`` (position ``col0 + i``): codes, errors, updates."""
+        from qtool.kernels.columns import gptq_rows
+
+        assert self.form is not None
+        _, lo, hi, offset_form = self.form
+        scratch = np.empty(self.rows, np.float32)
+        gptq_rows(
+            wt1.numpy(),
+            hinv1.numpy(),
+            errt.numpy(),
+            codes_t.numpy(),
+            self.scale.numpy(),
+            self.base.numpy(),
+            self.sel,
+            np.float32(lo),
+            np.float32(hi),
+            offset_form,
+            a,
+            b,
+            col0,
+            scratch,
+        )

@@ -57,11 +57,15 @@ def current_rss() -> int:
 
 def run_rss(model_type: str = "") -> int:
     """:func:`current_rss` with the code every calibration run loads imported first: ``datasets``
-    (the documents), transformers' tokenizers and the model's class (the skeleton). A plan
+    (the documents), transformers' tokenizers, the model's class (the skeleton) and the
+    compiled loops of the Hessian sums and GPTQ's solve (numba and LLVM, ~55 MiB). A plan
     made before they are imported (at the start, or for ``--dry-run``) would miss them: at
-    SmolLM2 or Llama 3.2 1B they are about 200 MiB of the process (400 MiB of 650 with torch)."""
+    SmolLM2 or Llama 3.2 1B they are about 250 MiB of the process (450 MiB of 700 with torch)."""
     import contextlib
     import importlib
+
+    with contextlib.suppress(Exception):
+        importlib.import_module("qtool.kernels.columns")
 
     with contextlib.suppress(Exception):
         importlib.import_module("datasets")

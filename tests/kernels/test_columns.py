@@ -61,10 +61,10 @@ def test_fold_of_a_vector() -> None:
 
 def _problem() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2048, 512, generator=g)
+    x = torch.randn(1024, 512, generator=g)
     x[:, :4] *= 12.0
-    h = 2.0 / 2048 * x.T @ x
-    w = torch.randn(300, 512, generator=g) * 0.02
+    h = 2.0 / 1024 * x.T @ x
+    w = torch.randn(96, 512, generator=g) * 0.02
     return w, h
 
 

@@ -26,24 +26,10 @@ from __future__ import annotations
 
 import numpy as np
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - exercised only without numba
-    numba = None
+# the GGUF codecs' numba switch and decorator: one place decides how qtool compiles
+from qtool.kernels._fast import _F0, AVAILABLE, _jit
 
-AVAILABLE = numba is not None
-
-F32 = np.float32
-_F0 = F32(0.0)
-
-
-def _jit(**kw):  # type: ignore[no-untyped-def]
-    def wrap(fn):  # type: ignore[no-untyped-def]
-        if numba is None:
-            return fn
-        return numba.njit(cache=True, nogil=True, error_model="numpy", **kw)(fn)
-
-    return wrap
+__all__ = ["AVAILABLE", "fold", "gptq_rows"]
 
 
 @_jit()

@@ -1,12 +1,12 @@
 """Checkpoint folders (safetensors shards, config, tokenizer, model card), streamed and atomic.
 
-:func:`write_folder` is the one folder writer: it takes the tensors one at a time, writes
-safetensors shards of at most ``MAX_SHARD_BYTES`` (it never holds the whole model), copies the
-tokenizer and generation config, and builds everything in a temporary sibling folder that
-replaces ``out_dir`` only once complete (:func:`qtool.io.atomic_dir`); any failure removes it.
-:func:`write_checkpoint` uses it for the integer formats (GPTQ v1, compressed-tensors), whose
-tensor layouts live in :mod:`.gptq` and :mod:`.compressed` (bit packing: :mod:`.packing`);
-:mod:`.bitnet` and :mod:`.dense` use it too.
+:func:`write_folder` is the one folder writer: it takes the tensors one at a time, streams
+them into safetensors shards of at most ``MAX_SHARD_BYTES`` (holding one tensor at a time,
+:mod:`.streamed`), copies the tokenizer and generation config, and builds everything in a
+temporary sibling folder that replaces ``out_dir`` only once complete
+(:func:`qtool.io.atomic_dir`); any failure removes it. :func:`write_checkpoint` uses it for the
+integer formats (GPTQ v1, compressed-tensors), whose tensor layouts live in :mod:`.gptq` and
+:mod:`.compressed` (bit packing: :mod:`.packing`); :mod:`.bitnet` and :mod:`.dense` use it too.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from qtool.checkpoint import Checkpoint
 from qtool.errors import BadInputError, QToolError
 from qtool.events import SILENT, Reporter
+from qtool.formats.streamed import SafetensorsFile
 from qtool.grids.affine import QuantizedWeight, QuantScheme
 from qtool.io import atomic_dir, check_writable
 
@@ -167,33 +168,42 @@ def _check_request(req: WriteRequest) -> str:
 
 
 class _Shards:
-    """Accumulates tensors and writes a safetensors shard whenever ``limit`` bytes are reached."""
+    """Streams the tensors into safetensors shards, starting a new one before a tensor that
+    would take the current one over ``limit`` bytes. Each shard is written as its tensors
+    arrive (:class:`qtool.formats.streamed.SafetensorsFile`), so the writer holds one tensor,
+    not a shard (up to 2 GB); the files are the bytes ``save_file`` would write for the same
+    tensors."""
 
     def __init__(self, folder: Path, limit: int) -> None:
         self.folder = folder
         self.limit = limit
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
+        self.current: SafetensorsFile | None = None
         self.parts: list[tuple[Path, list[str]]] = []
         self.total = 0
 
     def add(self, name: str, t: torch.Tensor) -> None:
         n = t.numel() * t.element_size()
-        if self.pending and self.pending_bytes + n > self.limit:
+        shard = self.current
+        if shard is not None and shard.entries and shard.bytes + n > self.limit:
             self.flush()
-        self.pending[name] = t.contiguous()
-        self.pending_bytes += n
+        if self.current is None:
+            path = self.folder / f"part-{len(self.parts):05d}.safetensors"
+            self.current = SafetensorsFile(path, metadata={"format": "pt"})
+        self.current.add(name, t)
         self.total += n
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.pending:
+        shard, self.current = self.current, None
+        if shard is None:
             return
-        path = self.folder / f"part-{len(self.parts):05d}.safetensors"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.parts.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        shard.close()
+        self.parts.append((shard.path, shard.names))
+
+    def discard(self) -> None:
+        """After a failure: close and remove the shard being written (its spool)."""
+        if self.current is not None:
+            self.current.discard()
+            self.current = None
 
     def finish(self) -> list[str]:
         """Name the shards as transformers expects; write the index when there are several."""
@@ -236,9 +246,12 @@ def write_folder(
     tokenizer and generation files, and the recipe that made it (``recipe.json``). Callers add
     their own files (model card, quantize_config.json) after it."""
     shards = _Shards(tmp, MAX_SHARD_BYTES)
-    for name, t in tensors:
-        shards.add(name, t)
-    shard_files = shards.finish()
+    try:
+        for name, t in tensors:
+            shards.add(name, t)
+        shard_files = shards.finish()
+    finally:
+        shards.discard()
     _write_json(tmp / "config.json", config)
     _copy_side_files(source.root, tmp)
     if recipe is not None:

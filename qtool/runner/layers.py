@@ -44,6 +44,7 @@ from qtool.errors import BadInputError, QToolError, UnsupportedError
 from qtool.events import SILENT, Reporter
 from qtool.runner import dist
 from qtool.runner.dist import World, die_here, group_ends, groups, local_cuda, shard
+from qtool.runner.memory import release_freed
 from qtool.runner.stash import Stash
 from qtool.runner.workdir import WorkFolder, checkpoint_every
 
@@ -471,6 +472,7 @@ class Session:
         self.layers = list(self.parts.layers)
         self.hidden = self.stash("hidden")
         self.layer_args: LayerArgs = {}
+        release_freed()  # what reading and tokenizing the calibration text left
         buffers_to(self.model, device)
 
     @property
@@ -499,6 +501,7 @@ class Session:
             self.hidden,
             self.reporter,
         )
+        release_freed()  # the embedding matrix and the pass's activations
         self.reporter.stage_done("embeddings", time.perf_counter() - t0)
 
     def prefix(self, i: int) -> str:
@@ -517,6 +520,7 @@ class Session:
             yield layer
         finally:
             WeightLoader.unload(layer)
+            release_freed()
 
     def forward(self, layer: nn.Module, i: int, out: Stash | None = None) -> Stash:
         """Run ``layer`` over every batch of the hidden states; the outputs replace them (or go

@@ -726,15 +726,14 @@ def _quantize_layer(
         if not propagate:
             quantized = set()  # the float weights stand: nothing is frozen by quantization
         take_routed(layer)
-        nxt = session.stash("hidden")
-        passes.run(quantized, None, reporter.batch, out=nxt)
+        # the layer's outputs replace its inputs batch by batch (batch j's input is read by
+        # its own forward only): a second copy would be the largest thing of this pass
+        passes.run(quantized, None, reporter.batch, out=hidden)
         if (routed := take_routed(layer)) is not None:
             routed = world.sum_ints(routed)
             _report_coverage(reporter, index, routed, moe_blocks(layer)[0].all_experts)
     finally:
         passes.close()
-    session.hidden.close()
-    session.hidden = nxt
     return results, reports
 
 

@@ -121,6 +121,23 @@ def test_every_linear_beats_rtn(tiny32: Path, tmp_path: Path) -> None:
         assert r["gptq_rel_error"] < r["rtn_rel_error"], r
 
 
+def test_hidden_states_held_once(tiny32: Path, tmp_path: Path, monkeypatch) -> None:
+    """A layer's outputs replace its inputs in the one hidden-state store: no second copy of
+    ``tokens x hidden`` beside the passes' caches (the memory plan counts one)."""
+    from qtool.runner.layers import Session
+
+    made: list[str] = []
+    stash = Session.stash
+
+    def counting(self: Session, name: str):  # type: ignore[no-untyped-def]
+        made.append(name)
+        return stash(self, name)
+
+    monkeypatch.setattr(Session, "stash", counting)
+    _run(tiny32, tmp_path / "w")
+    assert made.count("hidden") == 1 and len(made) > 1
+
+
 @pytest.mark.slow  # 110 s; the tiny model's every-linear check above stays in the default suite
 def test_smollm2_every_layer_beats_rtn(assets, tmp_path: Path) -> None:
     """On SmolLM2 and real text (Canterbury), GPTQ's ||WX - QX|| / ||WX|| is below RTN's for

@@ -3,11 +3,13 @@ giving the same bits as before."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qtool.calibrate.stats import HessianAccumulator
 from qtool.methods.gptq import _inverse_cholesky_here
-from qtool.runner.memory import Shape, plan_memory
+from qtool.runner import memory
+from qtool.runner.memory import Shape, current_rss, plan_memory, release_freed
 
 MIB = 1 << 20
 
@@ -110,3 +112,24 @@ def test_dampened_factor_without_an_identity_matrix_is_the_same_bits() -> None:
             got, used = _inverse_cholesky_here(h, damp, "w")
             assert used == damp
             assert torch.equal(got.view(torch.int32), reference(h, damp).view(torch.int32))
+
+
+def test_release_freed_gives_back_freed_heap_pages() -> None:
+    """Blocks freed between kept ones stay resident in glibc's heap until trimmed."""
+    if memory._malloc_trim() is None:
+        pytest.skip("not glibc")
+
+    def touched(n: int) -> bytearray:
+        b = bytearray(n)
+        b[::4096] = b"\1" * len(range(0, n, 4096))
+        return b
+
+    big = touched(8 << 20)
+    del big  # a freed mapped block raises glibc's mmap threshold past 1 MiB
+    blocks = [touched(1 << 20) for _ in range(64)]
+    kept = blocks[::2]
+    del blocks  # 32 MiB freed in holes between the kept blocks
+    before = current_rss()
+    release_freed()
+    assert before - current_rss() > 16 << 20
+    assert len(kept) == 32

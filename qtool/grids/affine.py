@@ -184,7 +184,7 @@ class QuantScheme(Grid):
         zero = torch.stack([f.zero for f in fits], dim=1)  # type: ignore[attr-defined]
         return QuantizedWeight(
             name,
-            codes.to(torch.uint8).cpu(),
+            codes.to(torch.uint8, memory_format=torch.contiguous_format).cpu(),
             scale.cpu(),
             zero.cpu(),
             self,

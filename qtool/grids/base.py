@@ -105,7 +105,11 @@ class Grid(ABC):
         self, name: str, shape: tuple[int, int], fits: list[Fit], codes: Any, g_idx: Any | None
     ) -> QuantizedTensor:
         """The quantized tensor from GPTQ's fits (one per block, in column order) and codes
-        ``[rows, cols]``; ``g_idx``: the block of each column when blocks are not contiguous."""
+        ``[rows, cols]``; ``g_idx``: the block of each column when blocks are not contiguous.
+        ``codes`` may be a transposed view (GPTQ solves column by column); the tensor keeps
+        them row-major, as a restored one has them: a weight dequantized from strided codes
+        is strided too, and a bf16 matrix product over a strided weight takes another kernel
+        with other bits, so a run resumed from the saved codes would differ."""
 
     @abstractmethod
     def rtn(self, name: str, w: Any, importance: Any | None = None) -> QuantizedTensor:

@@ -162,7 +162,9 @@ class TernaryGrid(_TensorWide):
     ) -> TernaryWeight:
         (fit,) = fits
         assert isinstance(fit, _TernaryFit)
-        return TernaryWeight(codes.to(torch.int8).cpu(), fit.gamma, name)
+        return TernaryWeight(
+            codes.to(torch.int8, memory_format=torch.contiguous_format).cpu(), fit.gamma, name
+        )
 
     def rtn(self, name: str, w: torch.Tensor, importance: Any = None) -> TernaryWeight:
         return ternarize(name, w)
@@ -193,7 +195,12 @@ class BinaryGrid(_TensorWide):
     ) -> BinaryWeight:
         (fit,) = fits
         assert isinstance(fit, _BinaryFit)
-        return BinaryWeight(codes.to(torch.int8).cpu(), fit.alpha, fit.beta, name)
+        return BinaryWeight(
+            codes.to(torch.int8, memory_format=torch.contiguous_format).cpu(),
+            fit.alpha,
+            fit.beta,
+            name,
+        )
 
     def rtn(self, name: str, w: torch.Tensor, importance: Any = None) -> BinaryWeight:
         return binarize(name, w)

@@ -88,6 +88,8 @@ def fold(hi: torch.Tensor, lo: torch.Tensor, p: torch.Tensor) -> None:
     entry by entry (:func:`qtool.kernels.columns.fold`): one pass, no temporaries."""
     from qtool.kernels import columns
 
+    if not hi.shape == lo.shape == p.shape:  # the compiled loop reads what the shapes say
+        raise ValueError(f"fold: shapes {tuple(hi.shape)}, {tuple(lo.shape)}, {tuple(p.shape)}")
     if columns.AVAILABLE and hi.device.type == "cpu" and p.device.type == "cpu" and hi.dim() <= 2:
         v = [t.reshape(1, -1) if t.dim() < 2 else t for t in (hi, lo, p)]  # views
         columns.fold(*(t.numpy() for t in v))
@@ -115,8 +117,9 @@ class HessianAccumulator:
 
     The matrix is symmetric, so only its upper blocks are computed (at most 4 column blocks of at
     least ``BLOCK`` columns): with 4 blocks that is 10 of 16 block products, 37.5% fewer FLOPs
-    on what is, with the forward itself, the cost of a GPTQ layer. ``dtype``: float32 (GPTQ's,
-    as the reference code) or float64.
+    on what is, with the forward itself, the cost of a GPTQ layer, and the float64 pair below
+    stores those blocks alone (at 14336 columns, 8B's down_proj, 2.1 GB instead of 3.3).
+    ``dtype``: float32 (GPTQ's, as the reference code) or float64.
 
     Batches are summed in ``dtype`` within a group of consecutive batches
     (:func:`qtool.runner.dist.groups`); :meth:`end_group` adds the group's sum *exactly* into a
@@ -144,6 +147,19 @@ class HessianAccumulator:
         n = max(1, min(4, columns // self.BLOCK))
         edges = [round(i * columns / n) for i in range(n + 1)]
         self.blocks = list(zip(edges[:-1], edges[1:], strict=True))
+        # the upper blocks (i <= j), in order, and where each starts in the pair's storage
+        self.upper: list[tuple[int, int, int, int, int]] = []
+        start = 0
+        for a, (i0, i1) in enumerate(self.blocks):
+            for j0, j1 in self.blocks[a:]:
+                self.upper.append((i0, i1, j0, j1, start))
+                start += (i1 - i0) * (j1 - j0)
+        self.pair_entries = start  # 10 of 16 blocks' entries with 4 blocks
+
+    def _block(self, flat: torch.Tensor, k: int) -> torch.Tensor:
+        """Upper block ``k`` of the float64 pair's flat storage, as a matrix."""
+        i0, i1, j0, j1, start = self.upper[k]
+        return flat[start : start + (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
 
     def add(self, x: torch.Tensor) -> None:
         raw = x.detach().reshape(-1, x.shape[-1])
@@ -160,14 +176,13 @@ class HessianAccumulator:
 
     def end_group(self) -> None:
         """Add this group's sum exactly into the total (upper blocks only) and restart it."""
-        if self.hi is None or self.lo is None:
-            self.hi = torch.zeros(self.sum.shape, dtype=torch.float64, device=self.sum.device)
+        if self.hi is None or self.lo is None:  # the upper blocks only, one after another
+            self.hi = torch.zeros(self.pair_entries, dtype=torch.float64, device=self.sum.device)
             self.lo = torch.zeros_like(self.hi)
         if not self._pending:
             return
-        for a, (i0, i1) in enumerate(self.blocks):
-            for j0, j1 in self.blocks[a:]:
-                fold(self.hi[i0:i1, j0:j1], self.lo[i0:i1, j0:j1], self.sum[i0:i1, j0:j1])
+        for k, (i0, i1, j0, j1, _) in enumerate(self.upper):
+            fold(self._block(self.hi, k), self._block(self.lo, k), self.sum[i0:i1, j0:j1])
         self.sum.zero_()
         self._pending = False
 
@@ -195,11 +210,11 @@ class HessianAccumulator:
             if release
             else torch.empty(self.sum.shape, dtype=self.sum.dtype, device=self.sum.device)
         )
-        for a, (i0, i1) in enumerate(self.blocks):
-            for j0, j1 in self.blocks[a:]:
-                out[i0:i1, j0:j1] = hi[i0:i1, j0:j1] + lo[i0:i1, j0:j1]  # rounded once
-                if j0 != i0:
-                    out[j0:j1, i0:i1] = out[i0:i1, j0:j1].T
+        for k, (i0, i1, j0, j1, _) in enumerate(self.upper):
+            out[i0:i1, j0:j1] = self._block(hi, k) + self._block(lo, k)  # rounded once
+            if j0 != i0:
+                out[j0:j1, i0:i1] = out[i0:i1, j0:j1].T
+        for i0, i1 in self.blocks:
             d = out[i0:i1, i0:i1]
             d.copy_(torch.triu(d) + torch.triu(d, diagonal=1).T)
         if release:

@@ -278,13 +278,20 @@ def plan_memory(
     )
 
 
+def _hessian_blocks(columns: int) -> int:
+    """Column blocks of a Hessian accumulator (:class:`qtool.calibrate.stats.
+    HessianAccumulator`: at most 4, of at least 256 columns)."""
+    return max(1, min(4, columns // 256))
+
+
 def _gptq_items(shape: Shape, true_sequential: bool, compute: str) -> list[Item]:
     """What a GPTQ layer holds beside its weights, at the larger of its two peaks (they never
     overlap: an accumulator's sums are freed once its Hessian is read out).
 
     *Collecting* the Hessian of an input ``c`` columns wide: the accumulator's float32 batch
-    sum and exact float64 pair (20 bytes an entry, :class:`qtool.calibrate.stats.
-    HessianAccumulator`; the Hessian is read out over the float32 sum) and the float64
+    sum (4 bytes an entry) and exact float64 pair of its upper blocks (16 bytes an entry of
+    10 of 4 x 4 blocks, :class:`qtool.calibrate.stats.HessianAccumulator`; the Hessian is read
+    out over the float32 sum) and the float64
     temporaries of one of its column blocks as a batch group is added in (three, of at most
     4 x 4 blocks). Without true-sequential every linear's is collected in one pass (an upper
     bound: linears sharing an input share one).
@@ -300,12 +307,17 @@ def _gptq_items(shape: Shape, true_sequential: bool, compute: str) -> list[Item]
     The finished linears' codes (one byte a weight) wait in host memory for the layer's end."""
     ins = shape.linear_inputs
     c_collect = max(ins)
-    block = c_collect // max(1, min(4, c_collect // 256))  # HessianAccumulator.BLOCK: 256
+    block = c_collect // _hessian_blocks(c_collect)
     fold = 24 * block * block
+
+    def collecting(c: int) -> int:  # the float32 sum, the float64 pair of its upper blocks
+        n = _hessian_blocks(c)
+        return 4 * c * c + 16 * (c * c * (n + 1) // (2 * n))
+
     if true_sequential:
-        collect, others = 20 * c_collect**2 + fold, 0
+        collect, others = collecting(c_collect) + fold, 0
     else:
-        collect, others = 20 * sum(i * i for i in ins) + fold, 4 * sum(i * i for i in ins)
+        collect, others = sum(map(collecting, ins)) + fold, 4 * sum(i * i for i in ins)
     solve, worst = 0, shape.linear_shapes[0]
     for rows, cols in shape.linear_shapes:
         here = max(12 * cols * cols + 8 * rows * cols, 4 * cols * cols + 24 * rows * cols)

@@ -59,6 +59,16 @@ def test_fold_of_a_vector() -> None:
         assert math.fsum([float(hi[k]), float(lo[k])]) == math.fsum([a[k], b[k]])
 
 
+def test_fold_refuses_unlike_shapes() -> None:
+    """The compiled loop indexes by ``hi``'s shape: a smaller ``p`` would be read past its end
+    (a matrix folded into a flat pair crashed the process before this check)."""
+    hi, lo = torch.zeros(6, 6, dtype=torch.float64), torch.zeros(6, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="shapes"):
+        fold(hi, lo, torch.ones(21, dtype=torch.float64))
+    with pytest.raises(ValueError, match="shapes"):
+        fold(hi.reshape(-1), lo.reshape(-1), torch.ones(6, 6))
+
+
 def _problem() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1024, 512, generator=g)

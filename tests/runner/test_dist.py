@@ -78,15 +78,14 @@ def test_hessian_split_over_ranks_is_bitwise_the_single_sum(size: int) -> None:
     n = len(xs)
     one = _accumulate(xs, range(n), n).xtx()
     parts = [_accumulate(xs, shard(n, r, size), n) for r in range(size)]
-    hi = torch.zeros(one.shape, dtype=torch.float64)
-    lo = torch.zeros_like(hi)
+    total = HessianAccumulator(one.shape[0], torch.device("cpu"))
+    total.end_group()  # an empty pair, the ranks' pairs merged into it
+    assert total.hi is not None and total.lo is not None
     for p in reversed(parts):  # the order of the ranks does not matter either
         p.end_group()
         assert p.hi is not None and p.lo is not None
-        merge(hi, lo, p.hi, p.lo)
-    total = hi + lo
-    split = (torch.triu(total) + torch.triu(total, diagonal=1).T).float()
-    assert torch.equal(split, one)
+        merge(total.hi, total.lo, p.hi, p.lo)
+    assert torch.equal(total.xtx(), one)
     # what the exact sums avoid: float32 partial sums added per rank round differently
     plain = [sum((x.T @ x for x in (xs[j] for j in shard(n, r, size))), torch.zeros(48, 48))
              for r in range(size)]  # fmt: skip

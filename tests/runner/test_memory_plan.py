@@ -40,14 +40,22 @@ def _plan(shape: Shape, **kw):
 
 
 def test_gptq_layer_counts_the_larger_of_collecting_and_solving() -> None:
-    """At 1B widths the down projection's 8192-column Hessian is collected in 20 bytes an entry
-    (float32 batch sum, float64 exact pair; read out over the sum) plus one 2048 x 2048 block's
-    three float64 temporaries; solving it (Hessian + two factor-sized matrices + two float32
+    """At 1B widths the down projection's 8192-column Hessian is collected in a float32 batch
+    sum (4 bytes an entry; the Hessian is read out over it) and a float64 exact pair of its 10
+    upper blocks of 4 x 4 (the accumulator's own storage), plus one 2048 x 2048 block's three
+    float64 temporaries; solving it (Hessian + two factor-sized matrices + two float32
     weights, 896 MiB) is smaller, so only the collection counts."""
     p = _plan(_llama_1b())
     items = {i.what: i.bytes for i in p.items}
     c = 8192
-    assert items["GPTQ: collecting a 8192-column Hessian"] == 20 * c * c + 24 * 2048 * 2048
+    acc = HessianAccumulator(c, torch.device("meta"))
+    acc.add(torch.ones(1, c, device="meta"))
+    acc.end_group()
+    assert acc.hi is not None and acc.lo is not None
+    pair = acc.hi.numel() * 8 + acc.lo.numel() * 8
+    assert pair == 16 * c * c * 10 // 16
+    got = items["GPTQ: collecting a 8192-column Hessian"]
+    assert got == acc.sum.numel() * 4 + pair + 24 * 2048 * 2048
     assert items["GPTQ: the layer's finished codes"] == _llama_1b().layer_params
     assert not any("solv" in w for w in items)
     # the embedding pass (0.5 GiB in bf16) is below a GPTQ layer here: not added on top

@@ -8,8 +8,8 @@ float32 compute, and the *same* calibration token windows: qtool's ``canterbury`
 asyoulik, lcet10; plrabn12.txt, the evaluation text, is left out) cut into ``--samples`` windows
 of ``--seq-len`` tokens by qtool's own sampler, then handed to llm-compressor as a
 ``datasets.Dataset`` of ``input_ids`` (a hook on its embedding checks that it ran exactly those
-rows). Three quantizations, each in a fresh process (wall time; peak RSS from ``wait4`` and from
-polling the process tree):
+rows). Three quantizations, each in a fresh process (wall time; its own peak RSS,
+``scripts/measure.py``, and the process tree's, polled):
 
 - ``llm-compressor``: ``GPTQModifier`` with its default ``actorder="static"`` (columns visited by
   decreasing Hessian diagonal, group scales fixed up front from the original weight) and its
@@ -63,6 +63,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+from measure import Measured  # noqa: E402
 
 DEFAULT_VENV = Path.home() / ".cache" / "qtool" / "bench-peers-venv"
 TORCH_PIN = "torch==2.13.0"
@@ -310,13 +312,14 @@ def run_measured(
     status: Callable[[], str] | None = None,
 ) -> dict[str, Any]:
     """Run ``cmd``; stdout and stderr go to ``work/<label>.out|.log``. Wall seconds, peak RSS of
-    the process (``wait4``'s ru_maxrss, exact) and of its process tree (polled every 0.25 s),
-    load averages before and after."""
+    the process (its own ru_maxrss, ``scripts/measure.py``) and of its process tree (polled
+    every 0.25 s), load averages before and after."""
     out_path, log_path = work / f"{label}.out", work / f"{label}.log"
     before = load_avg()
     t0 = time.perf_counter()
     with open(out_path, "w") as out, open(log_path, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        measured = Measured(cmd)  # its own peak RSS: not wait4's, which counts this process's
+        proc = subprocess.Popen(measured.argv, stdout=out, stderr=err, env=env)
         peak = [0]
         done = threading.Event()
 
@@ -331,17 +334,16 @@ def run_measured(
 
         th = threading.Thread(target=poll, daemon=True)
         th.start()
-        _, st, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
+        proc.wait()
         done.set()
         th.join()
-        proc.returncode = os.waitstatus_to_exitcode(st)
+        proc.returncode, wall, peak_self = measured.result()
     if proc.returncode != 0:
         tail = log_path.read_text()[-4000:]
         raise SystemExit(f"[{label}] failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
     res = {
         "wall_s": round(wall, 1),
-        "peak_rss_mib": round(usage.ru_maxrss / 1024),
+        "peak_rss_mib": round(peak_self / 2**20),
         "peak_tree_rss_mib": round(peak[0] / 2**20),
         "load_avg_before": before,
         "load_avg_after": load_avg(),

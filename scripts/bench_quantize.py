@@ -2,10 +2,10 @@
 widths with group size 128, with and without MSE clipping.
 
 Each configuration runs ``qtool quantize`` in a fresh process (wall time and that process's
-peak RSS from ``wait4``); then one ``qtool eval`` pass scores every artifact against the float
-model on a Canterbury text that calibration never sees (plrabn12.txt: the ``canterbury``
-calibration set leaves it out). Output: a JSON report on stdout (or ``--out``) and a markdown
-table on stderr.
+own peak RSS, ``scripts/measure.py``); then one ``qtool eval`` pass scores every artifact
+against the float model on a Canterbury text that calibration never sees (plrabn12.txt: the
+``canterbury`` calibration set leaves it out). Output: a JSON report on stdout (or ``--out``)
+and a markdown table on stderr.
 
     python scripts/bench_quantize.py                       # SmolLM2, 8/4/3 bits, 128 x 512
     python scripts/bench_quantize.py --model gemma3 --bits 4 3
@@ -21,8 +21,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import run_peak  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,19 +39,16 @@ def assets(model: str) -> Path:
 
 
 def run_measured(cmd: list[str]) -> tuple[float, int, str, str]:
-    """Wall seconds, peak RSS (bytes) of the process, stdout, stderr."""
-    t0 = time.perf_counter()
+    """Wall seconds, peak RSS (bytes) of the process alone (``measure.run_peak``), stdout,
+    stderr."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - t0
+        rc, wall, peak = run_peak(cmd, stdout=out, stderr=err)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{stderr[-3000:]}")
-    return wall, usage.ru_maxrss * 1024, stdout, stderr
+    if rc != 0:
+        raise SystemExit(f"failed ({rc}): {' '.join(cmd)}\n{stderr[-3000:]}")
+    return wall, peak, stdout, stderr
 
 
 def main() -> None:

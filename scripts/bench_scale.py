@@ -6,8 +6,8 @@ fixed part (load, tokenize, embeddings, head, writing) plus one cost per decoder
 layer being the same shapes. So for each shape this script builds two random checkpoints with
 the *real* widths (hidden, intermediate, heads, KV heads, vocabulary, rope scaling from the
 published configs) and ``--layers`` decoder layers (default 1 and 3), runs ``qtool quantize
---method gptq`` on each in a fresh process (wall time and peak RSS from ``wait4``; qtool's own
-peak host/device figures from its ``--json``) and solves
+--method gptq`` on each in a fresh process (wall time and its own peak RSS,
+``scripts/measure.py``; qtool's own peak host/device figures from its ``--json``) and solves
 
     T(L) = fixed + per_layer * L       RSS(L) = rss_fixed + rss_per_layer * L
 
@@ -34,15 +34,14 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama_tools import assets  # noqa: E402
+from measure import run_peak  # noqa: E402
 
 # The published configs' numbers (meta-llama/Llama-3.2-1B, meta-llama/Llama-3.1-8B).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -165,18 +164,16 @@ def build_checkpoint(folder: Path, shape: dict[str, Any], layers: int, tok_src: 
 
 
 def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str, str]:
-    t0 = time.perf_counter()
+    """Wall seconds, peak RSS of the command alone (``measure.run_peak``: this process, which
+    built the checkpoints, would count in ``wait4``'s figure), stdout, stderr."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        rc = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - t0
+        rc, wall, peak = run_peak(cmd, env=env, stdout=out, stderr=err)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     if rc != 0:
         raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}\n{stderr[-3000:]}")
-    return wall, usage.ru_maxrss * 1024, stdout, stderr
+    return wall, peak, stdout, stderr
 
 
 def fit(points: list[tuple[int, float]]) -> tuple[float, float]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,26 @@ def current_rss() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory since it started its program: the kernel's
+    high-water mark of its memory map (``VmHWM``), which ``exec`` starts afresh. Not
+    ``getrusage``'s ``ru_maxrss``, which keeps the mark of the memory the process had before
+    ``exec``: a qtool started by a large Python process (a test session, a notebook, a
+    benchmark that built a model) through ``vfork`` would report that process's peak as its
+    own. Elsewhere (no ``/proc``): ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 @functools.cache

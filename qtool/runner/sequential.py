@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from qtool.grids.base import Grid, QuantizedTensor
 from qtool.methods.gptq import GPTQConfig, GPTQResult, gptq_quantize
 from qtool.runner.dist import World, assign, die_here
 from qtool.runner.layers import DTYPES, Session, pick_device
+from qtool.runner.memory import peak_rss
 from qtool.runner.moe import MIN_EXPERT_TOKENS, moe_blocks, set_all_experts, take_routed
 from qtool.runner.stash import Stash
 from qtool.runner.workdir import WorkFolder, checkpoint_every
@@ -559,7 +559,7 @@ def _gptq_session(
         resumed_from=start,
         device=str(device),
         compute_dtype=opts.compute_dtype,
-        peak_host_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_host_bytes=peak_rss(),
         peak_device_bytes=peak_dev,
     )
 

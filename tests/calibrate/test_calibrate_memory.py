@@ -2,8 +2,8 @@
 
 A synthetic Llama is written as several float32 safetensors shards (one per layer) whose total
 exceeds the cap; ``qtool calibrate`` runs in a child process and its peak RSS (``ru_maxrss``
-from ``wait4``, the child alone) must stay under the cap: only one layer's weights (or the
-embedding matrix) are in memory at a time.
+of that process alone, ``scripts/measure.py``) must stay under the cap: only one layer's
+weights (or the embedding matrix) are in memory at a time.
 """
 
 from __future__ import annotations
@@ -13,9 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from measure import run_peak  # noqa: E402
 
 GIB = 1 << 30
 
@@ -84,16 +88,14 @@ def write_synthetic_llama(path: Path, *, hidden: int, intermediate: int, layers:
 
 
 def peak_rss_of(cmd: list[str]) -> tuple[int, int, str]:
-    """Run ``cmd``; return (exit code, peak RSS in bytes of that child alone, stderr)."""
+    """Run ``cmd``; return (exit code, peak RSS in bytes of that command alone, stderr). Not
+    ``wait4`` from here: a child started by this (large) pytest process would count the
+    process's own peak as its own (``scripts/measure.py``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_torch_thread in conftest.py
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
-    )
-    assert proc.stderr is not None
-    err = proc.stderr.read()
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss * 1024, err
+    with tempfile.TemporaryFile("w+") as err:
+        code, _wall, peak = run_peak(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        err.seek(0)
+        return code, peak, err.read()
 
 
 def check_under_cap(tmp_path: Path, assets, *, cap: int, **shape: int) -> None:

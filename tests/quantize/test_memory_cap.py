@@ -2,7 +2,7 @@
 
 A synthetic Llama at a small width is calibrated on enough tokens that the hidden states alone
 (tokens x hidden x 4 bytes) exceed the cap; the memory plan must put them (and GPTQ's saved
-layer inputs) on memory-mapped disk, and the child's peak RSS (``ru_maxrss`` from ``wait4``)
+layer inputs) on memory-mapped disk, and the child's own peak RSS (``scripts/measure.py``)
 must stay under the cap. Marked slow: a million tokens through the layers takes minutes on two
 cores (figures in the README's scale section).
 """

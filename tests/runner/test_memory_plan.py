@@ -141,3 +141,23 @@ def test_release_freed_gives_back_freed_heap_pages() -> None:
     release_freed()
     assert before - current_rss() > 16 << 20
     assert len(kept) == 32
+
+
+def test_peak_rss_is_the_process_own_not_its_parents() -> None:
+    """qtool's reported peak (``peak_rss``, VmHWM) is its own even when a large process started
+    it: ``ru_maxrss`` of a child ``vfork``-ed by Python's subprocess carries the parent's
+    high-water mark over ``exec`` (the pytest process measured a 0.8 GiB calibrate at 4.7 GiB)."""
+    import subprocess
+    import sys
+
+    big = bytearray(768 << 20)
+    big[::4096] = b"\1" * len(range(0, len(big), 4096))  # touched: resident
+    code = (
+        "import resource; from qtool.runner.memory import peak_rss;"
+        "print(peak_rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    own, maxrss = map(int, out.stdout.split())
+    del big
+    assert own < 400 * MIB, (own, maxrss)  # an interpreter with torch imported, not 768 MiB more
+    print(f"peak_rss {own / MIB:.0f} MiB, ru_maxrss {maxrss / MIB:.0f} MiB")

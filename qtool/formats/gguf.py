@@ -67,6 +67,7 @@ from qtool.policy import (
     plan_types,
     resolve_preset,
 )
+from qtool.runner.memory import release_freed
 
 
 @dataclass(frozen=True)
@@ -794,6 +795,7 @@ def _stream_tensors(
             if written != e.nbytes:
                 raise AssertionError(f"{e.name}: encoded {written} bytes, planned {e.nbytes}")
             w.write_padding(fout, e.nbytes)
+            release_freed()
             if on_tensor is not None:
                 on_tensor(k + 1)
     finally:

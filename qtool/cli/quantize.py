@@ -151,6 +151,15 @@ def quantize_cmd(
     seed: Annotated[
         int | None, typer.Option("--seed", help="Picks the calibration windows.")
     ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            help="Calibration samples per forward \\[1]: faster on many cores, more memory "
+            "(the memory plan counts it).",
+        ),
+    ] = None,
     damp: Annotated[
         float | None, typer.Option("--damp", help="GPTQ: dampening, fraction of mean diag(H).")
     ] = None,
@@ -274,6 +283,7 @@ def quantize_cmd(
         "samples": samples,
         "seq_len": seq_len,
         "seed": seed,
+        "batch_size": batch_size,
         "damp": damp,
         "block_size": block_size,
         "act_order": act_order,

@@ -166,6 +166,32 @@ def test_gptq_cli_writes_gptq_format(cli, tok32: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "g.qtool-gptq").exists()
 
 
+def test_gptq_batch_size_is_planned_and_solves_the_same_problem(
+    cli, tok32: Path, tmp_path: Path
+) -> None:
+    """``--batch-size 4``: the memory plan counts four samples per forward, and the run solves
+    the same problems as one sample at a time (the Hessians are exact sums, whatever the
+    batching; only the forwards' rounding may differ with the batch's shape)."""
+    args = ("quantize", tok32, "--method", "gptq", "--bits", "4", "-g", "64",
+            "-d", "canterbury", "-n", "8", "-L", "64", "--json")  # fmt: skip
+    plans = {b: cli(*args, "-b", b, "-o", tmp_path / "p", "--dry-run") for b in ("1", "4")}
+    assert all(r.exit_code == 0 for r in plans.values()), plans["4"].stderr
+    host = {b: r.json()["memory"]["host_bytes"] for b, r in plans.items()}
+    assert host["4"] > host["1"], host
+    runs = {b: cli(*args, "-b", b, "-o", tmp_path / f"b{b}") for b in ("1", "4")}
+    assert all(r.exit_code == 0 for r in runs.values()), runs["4"].stderr
+    one, four = (runs[b].json()["layers"] for b in ("1", "4"))
+    assert [r["name"] for r in one] == [r["name"] for r in four]
+    for a, b in zip(one, four, strict=True):
+        if a["name"] in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"):
+            # the first layer's q/k: the same inputs (the embeddings, normed row by row), and
+            # a Hessian is an exact sum whatever the batching: the same solve, bit for bit
+            assert b["gptq_rel_error"] == a["gptq_rel_error"], (a, b)
+        else:  # later inputs went through forwards of another shape (float32 rounding)
+            assert b["gptq_rel_error"] == pytest.approx(a["gptq_rel_error"], rel=0.05), (a, b)
+        assert b["gptq_rel_error"] < b["rtn_rel_error"]
+
+
 def test_ragged_groups_refused_for_compressed_tensors_allowed_for_gptq(
     cli, assets, tmp_path: Path
 ) -> None:
@@ -194,6 +220,7 @@ def test_ragged_groups_refused_for_compressed_tensors_allowed_for_gptq(
          "statistics"),
         (["--method", "gptq", "--bits", "4", "--damp", "0"], "--damp"),
         (["--method", "bitnet", "--bits", "3"], "--bits 2"),
+        (["--method", "gptq", "--bits", "4", "-d", "canterbury", "-b", "0"], "--batch-size"),
     ],
 )  # fmt: skip
 def test_bad_options(cli, tok32: Path, tmp_path: Path, args: list[str], message: str) -> None:

@@ -96,7 +96,8 @@ def log(msg: str) -> None:
 
 def build_checkpoint(folder: Path, shape: dict[str, Any], layers: int, tok_src: Path) -> int:
     """A random bf16 Llama checkpoint with ``shape``'s widths and ``layers`` layers; returns
-    its size in bytes. Tensors are made and written a few at a time per shard."""
+    its size in bytes. One shard (the embeddings, a layer, the head) is made and written at a
+    time."""
     import torch
     from safetensors.torch import save_file
 
@@ -127,11 +128,12 @@ def build_checkpoint(folder: Path, shape: dict[str, Any], layers: int, tok_src: 
     def rand(*dims: int, std: float = 0.02) -> torch.Tensor:
         return (torch.randn(*dims, generator=gen) * std).to(torch.bfloat16)
 
-    shards: list[dict[str, torch.Tensor]] = [{"model.embed_tokens.weight": rand(v, h)}]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shards.append(
-            {
+    def shard(n: int) -> dict[str, torch.Tensor]:  # 0: embeddings, 1..layers, then the head
+        if n == 0:
+            return {"model.embed_tokens.weight": rand(v, h)}
+        if n <= layers:
+            p = f"model.layers.{n - 1}."
+            return {
                 p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
                 p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
                 p + "self_attn.q_proj.weight": rand(q, h),
@@ -142,21 +144,22 @@ def build_checkpoint(folder: Path, shape: dict[str, Any], layers: int, tok_src: 
                 p + "mlp.up_proj.weight": rand(ff, h),
                 p + "mlp.down_proj.weight": rand(h, ff),
             }
-        )
-    last: dict[str, torch.Tensor] = {"model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
-    if not shape["tie_word_embeddings"]:
-        last["lm_head.weight"] = rand(v, h)
-    shards.append(last)
+        last = {"model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+        if not shape["tie_word_embeddings"]:
+            last["lm_head.weight"] = rand(v, h)
+        return last
 
     index: dict[str, str] = {}
     total = 0
-    for n, tensors in enumerate(shards):
-        fname = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+    count = layers + 2
+    for n in range(count):  # one shard in memory at a time
+        tensors = shard(n)
+        fname = f"model-{n + 1:05d}-of-{count:05d}.safetensors"
         save_file(tensors, str(folder / fname), metadata={"format": "pt"})
         for k, t in tensors.items():
             index[k] = fname
             total += t.numel() * t.element_size()
-        tensors.clear()
+        del tensors
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2)
     )

@@ -42,7 +42,7 @@ from qtool.grids.base import Grid, QuantizedTensor
 from qtool.methods.gptq import GPTQConfig, GPTQResult, gptq_quantize
 from qtool.runner.dist import World, assign, die_here
 from qtool.runner.layers import DTYPES, Session, pick_device
-from qtool.runner.memory import peak_rss
+from qtool.runner.memory import peak_rss, release_freed
 from qtool.runner.moe import MIN_EXPERT_TOKENS, moe_blocks, set_all_experts, take_routed
 from qtool.runner.stash import Stash
 from qtool.runner.workdir import WorkFolder, checkpoint_every
@@ -548,6 +548,10 @@ def _gptq_session(
         last = i + 1 == n_layers
         checkpoint = not last and ((i + 1) % every == 0)
         work.save_layer(i, weights, reports, session.hidden if checkpoint else None)
+        # saved (read back lazily at the end): not held through the next layer, whose peak
+        # they raised by their size (8B widths: 208 MiB of codes)
+        del weights, reports
+        release_freed()
         reporter.stage_done(f"layer {i}", time.perf_counter() - s0)
 
     device = session.device

@@ -99,15 +99,14 @@ def release_freed() -> None:
 
     The plan counts live tensors (and matches them: the bytes in use at every layer's end are
     the same from the first layer to the last), but the RSS also holds what glibc keeps of the
-    memory freed. Once a freed block has raised its mmap threshold (up to 32 MiB), the
-    per-batch tensors come from its heaps, where freed blocks stay resident in holes that
-    later ones do not fill: SmolLM2 GPTQ on 32 x 512 tokens ended each layer with 140-230 MiB
-    of free heap resident beside 196 MiB in use. Trimmed once a layer, that slack no longer
-    carries from layer to layer (RSS between layers 665-750 -> 537-538 MiB; at Llama-3.2-1B
-    widths the peak grows 38 MiB a layer instead of 89). Within a layer it stays, outside the
-    plan: trimming after every pass costs a page fault per page reused (about 5% more time for
-    ~30 MiB), and ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment (every block of 128 KiB
-    or more a mapping of its own) holds the peak to the plan plus ~50 MiB for 12x the system
+    memory freed. Once a freed block has raised its mmap threshold (up to 32 MiB), the per-batch
+    tensors come from its heaps, where freed blocks stay resident in holes that later ones do
+    not fill: SmolLM2 GPTQ on 32 x 512 tokens ended each layer with 140-230 MiB of free heap
+    resident beside 196 MiB in use. Trimmed once a layer, that slack no longer carries from
+    layer to layer (RSS between layers 665-750 -> 537-538 MiB). Within a layer it stays, outside
+    the plan: trimming after every pass costs a page fault per page reused (about 5% more time
+    for ~30 MiB), and ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment (every block of 128
+    KiB or more a mapping of its own) holds the peak to the plan plus ~50 MiB for 12x the system
     time (118 s instead of 9.5 at 32 x 512)."""
     trim = _malloc_trim()
     if trim is not None:

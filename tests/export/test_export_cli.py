@@ -13,6 +13,9 @@ import pytest
 
 from tests.export.helpers import build_tiny
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from measure import run_peak  # noqa: E402
+
 TP = ("--tokenizer-pre", "smollm")  # the tiny model's cut tokenizer
 
 
@@ -219,29 +222,12 @@ def test_readonly_output_folder(cli, tiny: Path, tmp_path: Path, monkeypatch) ->
 
 
 def _peak_rss_of_export(model: Path, out: Path, qtype: str) -> int:
-    """Max RSS (bytes) of a fresh `qtool export` process."""
-    code = (
-        "import resource, subprocess, sys;"
-        "subprocess.run(sys.argv[1:], check=True);"
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"
-    )
-    cmd = [
-        sys.executable,
-        "-c",
-        code,
-        sys.executable,
-        "-m",
-        "qtool",
-        "-q",
-        "export",
-        str(model),
-        "--outtype",
-        qtype,
-        "-o",
-        str(out),
-        *TP,
-    ]
-    return int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
+    """Peak RSS (bytes) of a fresh `qtool export` process, its own (``scripts/measure.py``)."""
+    cmd = [sys.executable, "-m", "qtool", "-q", "export", str(model), "--outtype", qtype,
+           "-o", str(out), *TP]  # fmt: skip
+    code, _wall, peak = run_peak(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert code == 0, cmd
+    return peak
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,7 @@ numba does not contract ``a*b + c`` into an FMA unless asked (no fastmath here),
 operand is float32, so each value is rounded where the tensor code rounds it.
 
 :func:`fold` is :func:`qtool.calibrate.stats.fold`'s TwoSum, entry by entry in one pass (the
-tensor version makes six passes and three temporaries of the matrix), and zeroes the float32
-partial sum it folded.
+tensor version makes six passes and three temporaries of the matrix).
 
 ``AVAILABLE`` is False without numba; callers then use their tensor code.
 """

@@ -52,17 +52,19 @@ class NonFiniteError(QToolError):
 
 
 @contextlib.contextmanager
-def _exact_bf16_products(x: torch.Tensor, acc_dtype: torch.dtype) -> Iterator[None]:
+def _exact_bf16_products(
+    src: torch.dtype, acc_dtype: torch.dtype, device: torch.device
+) -> Iterator[None]:
     """float32 matrix products on the CPU through oneDNN's bf16 kernels (AMX or AVX-512 BF16)
-    when ``x`` came from a bfloat16 forward: a bf16 value times a bf16 value is exact in
-    float32 and the kernels accumulate in float32, so ``x^T x`` is what the float32 kernel
-    computes, up to the order of the additions, about 1.6x faster on this machine's kind of
-    CPU. Any other input keeps full float32 products (a float32 value is not exact in bf16)."""
+    when the values came from a bfloat16 forward (``src``): a bf16 value times a bf16 value is
+    exact in float32 and the kernels accumulate in float32, so ``x^T x`` is what the float32
+    kernel computes, up to the order of the additions, about 1.6x faster on this machine's kind
+    of CPU. Any other input keeps full float32 products (a float32 value is not exact in bf16)."""
     mm: Any = getattr(torch.backends.mkldnn, "matmul", None)  # torch >= 2.9 (not in stubs)
     use = (
-        x.dtype == torch.bfloat16
+        src == torch.bfloat16
         and acc_dtype == torch.float32
-        and x.device.type == "cpu"
+        and device.type == "cpu"
         and mm is not None
         and torch.backends.mkldnn.is_available()
     )
@@ -127,6 +129,7 @@ class HessianAccumulator:
     groups were spread over processes (:meth:`reduce`): one process or several, the same bits."""
 
     BLOCK = 256
+    BUFFER_ROWS = 2048
 
     def __init__(
         self,
@@ -135,6 +138,7 @@ class HessianAccumulator:
         *,
         absmax: bool = False,
         dtype: torch.dtype = torch.float32,
+        buffer_rows: int | None = None,
     ) -> None:
         self.columns = columns
         self.sum = torch.zeros(columns, columns, dtype=dtype, device=device)  # this group's
@@ -155,6 +159,17 @@ class HessianAccumulator:
                 self.upper.append((i0, i1, j0, j1, start))
                 start += (i1 - i0) * (j1 - j0)
         self.pair_entries = start  # 10 of 16 blocks' entries with 4 blocks
+        # input rows waiting for one product (in ``dtype``, converted as they are copied in): a
+        # batch of 512 tokens makes a thin product whose cost is mostly reading and writing
+        # the float32 sum, so rows are gathered up to ``buffer_rows`` (or the end of a batch
+        # group, or a change of input dtype) first. float64 sums (``qtool calibrate --hessian``)
+        # keep none: their products cost their flops, and the buffer would be 8 bytes an entry
+        if buffer_rows is None:
+            buffer_rows = self.BUFFER_ROWS if dtype == torch.float32 else 0
+        self.buffer_rows = buffer_rows
+        self._buf: torch.Tensor | None = None
+        self._fill = 0
+        self._src = dtype  # the dtype the buffered rows came in
 
     def _block(self, flat: torch.Tensor, k: int) -> torch.Tensor:
         """Upper block ``k`` of the float64 pair's flat storage, as a matrix."""
@@ -163,16 +178,36 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         raw = x.detach().reshape(-1, x.shape[-1])
-        x = raw.to(self.sum.dtype)
-        with _exact_bf16_products(raw, self.sum.dtype):
+        n = raw.shape[0]
+        if self.absmax is not None:
+            self.absmax = torch.maximum(self.absmax, raw.abs().amax(dim=0).float())
+        self.rows += n
+        self._pending = True
+        if self._fill and (raw.dtype != self._src or self._fill + n > self.buffer_rows):
+            self._flush()
+        if n >= self.buffer_rows:  # as wide a product as the buffer's: no copy
+            self._product(raw.to(self.sum.dtype), raw.dtype)
+            return
+        if self._buf is None:
+            self._buf = torch.empty(
+                self.buffer_rows, self.columns, dtype=self.sum.dtype, device=self.sum.device
+            )
+        self._buf[self._fill : self._fill + n].copy_(raw)  # converted as it is copied
+        self._src = raw.dtype
+        self._fill += n
+
+    def _flush(self) -> None:
+        if self._buf is not None and self._fill:
+            self._product(self._buf[: self._fill], self._src)
+        self._fill = 0
+
+    def _product(self, x: torch.Tensor, src: torch.dtype) -> None:
+        """``sum += x^T x`` (the upper blocks) for rows ``x`` in ``dtype`` that came as ``src``."""
+        with _exact_bf16_products(src, self.sum.dtype, x.device):
             for a, (i0, i1) in enumerate(self.blocks):
                 xi = x[:, i0:i1]
                 for j0, j1 in self.blocks[a:]:
                     self.sum[i0:i1, j0:j1].addmm_(xi.T, x[:, j0:j1])
-        if self.absmax is not None:
-            self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0).float())
-        self.rows += x.shape[0]
-        self._pending = True
 
     def end_group(self) -> None:
         """Add this group's sum exactly into the total (upper blocks only) and restart it."""
@@ -181,6 +216,7 @@ class HessianAccumulator:
             self.lo = torch.zeros_like(self.hi)
         if not self._pending:
             return
+        self._flush()
         for k, (i0, i1, j0, j1, _) in enumerate(self.upper):
             fold(self._block(self.hi, k), self._block(self.lo, k), self.sum[i0:i1, j0:j1])
         self.sum.zero_()
@@ -233,6 +269,7 @@ class HessianAccumulator:
         they are 20 bytes an entry the GPTQ solve that follows does not need."""
         empty = torch.empty(0, 0, dtype=self.sum.dtype, device=self.sum.device)
         self.sum, self.hi, self.lo = empty, None, None
+        self._buf, self._fill = None, 0
         self._pending = False
 
 

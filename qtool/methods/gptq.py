@@ -23,7 +23,7 @@ transposed (a column per contiguous row) so that each rank-1 update runs across 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,32 +75,42 @@ def _one_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``. A Hessian that is not
-    positive definite (too few or degenerate samples) is dampened ten times more, up to 1.0."""
-    with _one_thread(h.device):
-        return _inverse_cholesky_here(h, damp, name)
+def _inverse_cholesky(
+    make: Callable[[], torch.Tensor], damp: float, name: str, device: torch.device
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``, made in the memory of
+    ``make()``: a fresh copy of ``H`` that is the caller's to lose (one is made for every try).
+    A Hessian that is not positive definite (too few or degenerate samples) is dampened ten
+    times more, up to 1.0."""
+    with _one_thread(device):
+        return _inverse_cholesky_here(make, damp, name)
 
 
-def _inverse_cholesky_here(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
-    mean_diag = float(torch.mean(torch.diag(h)))
+def _inverse_cholesky_here(
+    make: Callable[[], torch.Tensor], damp: float, name: str
+) -> tuple[torch.Tensor, float]:
     d = damp
     while True:
-        # H + (d * mean) I, with no identity matrix nor scaled copy of it: the off-diagonal
-        # entries get the + 0.0 that adding the identity's zeros gives (-0.0 becomes 0.0), the
-        # diagonal the same float32 sum. At most two n x n matrices beside H at any time.
-        shift = torch.tensor(d * mean_diag, dtype=h.dtype, device=h.device)
-        hd = h + shift * 0.0
-        hd.diagonal().add_(shift)
-        lower, info = torch.linalg.cholesky_ex(hd)
-        del hd
+        # LAPACK works on column-major matrices: torch copies any other layout first, and
+        # writes an out= of another layout through one more copy. H is symmetric, so its
+        # transpose is the same matrix in column-major order: dampening, the factor, the
+        # inverse and its factor all run in the memory of that one copy (the factor comes
+        # back as a column-major view), with the same bits as the out-of-place calls
+        a = make().t()
+        mean_diag = float(torch.mean(torch.diag(a)))
+        # + (d * mean) I with no identity matrix: the off-diagonal entries get the + 0.0 that
+        # adding the identity's zeros gives (-0.0 becomes 0.0), the diagonal the same sum
+        shift = torch.tensor(d * mean_diag, dtype=a.dtype, device=a.device)
+        a.add_(shift * 0.0)
+        a.diagonal().add_(shift)
+        info = torch.empty((), dtype=torch.int32, device=a.device)
+        torch.linalg.cholesky_ex(a, out=(a, info))
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(lower)
-            del lower
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            del hinv
+            torch.cholesky_inverse(a, out=a)
+            torch.linalg.cholesky_ex(a, upper=True, out=(a, info))
             if int(info) == 0:
-                return upper, d
+                return a, d
+        del a
         if d >= 1.0:
             raise QToolError(
                 f"{name}: the Hessian stays singular even with damp 1.0",
@@ -132,9 +142,10 @@ def gptq_quantize(
     w = wt.t()
     if not torch.isfinite(w).all():
         raise BadInputError(f"{name}: the weight has NaN or infinite values")
-    # the caller's Hessian serves several grids and the error reports: changed only on a copy,
-    # and copied only when there is something to change (dead inputs, below)
-    h = hessian.to(device=w.device, dtype=torch.float32)
+    # the caller's Hessian serves several grids and the error reports: never changed here.
+    # The solve's own matrix (dead inputs fixed, act-order's permutation) is made once for
+    # each try of the factorization, which then runs in its memory: one matrix beside H
+    h = hessian if hessian.device == w.device else hessian.to(w.device)
     rows, cols = w.shape
     blk = grid.columns(cols)
     n_blocks = -(-cols // blk)
@@ -146,13 +157,12 @@ def gptq_quantize(
             hint="add static groups (--static-groups), or turn act-order off",
         )
 
-    dead = torch.diag(h) == 0
-    if bool(dead.any()):
-        if h.data_ptr() == hessian.data_ptr():
-            h = h.clone()
-        h[dead, dead] = 1.0
+    diag = torch.diag(h).to(torch.float32)
+    dead = diag == 0
+    any_dead = bool(dead.any())
+    diag[dead] = 1.0
     w[:, dead] = 0.0
-    importance = torch.diag(h) / 2.0  # mean x^2 per input channel
+    importance = diag / 2.0  # mean x^2 per input channel
     importance[dead] = 0.0
 
     state = grid.prepare(w)
@@ -166,11 +176,20 @@ def gptq_quantize(
 
     perm = torch.arange(cols, device=w.device)
     if config.act_order:
-        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
-        wt, h = wt[perm], h[perm][:, perm]
+        perm = torch.argsort(diag, descending=True, stable=True)
+        wt = wt[perm]
         w = wt.t()
-    hinv, damp_used = _inverse_cholesky(h, config.damp, name)
-    del h
+
+    def solver_matrix() -> torch.Tensor:
+        if config.act_order:  # one gather, no row-permuted matrix in between
+            m = h[perm[:, None], perm].to(torch.float32)
+        else:
+            m = h.to(torch.float32, copy=True)
+        if any_dead:
+            m.diagonal()[dead[perm]] = 1.0
+        return m
+
+    hinv, damp_used = _inverse_cholesky(solver_matrix, config.damp, name, w.device)
 
     codes_t = torch.zeros(cols, rows, dtype=torch.int32, device=w.device)  # by position
     # the block of each visited position, and the column's index inside it: the original

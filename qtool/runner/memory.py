@@ -298,6 +298,9 @@ def plan_memory(
     )
 
 
+_BUFFER_ROWS = 2048  # qtool.calibrate.stats.HessianAccumulator.BUFFER_ROWS
+
+
 def _hessian_blocks(columns: int) -> int:
     """Column blocks of a Hessian accumulator (:class:`qtool.calibrate.stats.
     HessianAccumulator`: at most 4, of at least 256 columns)."""
@@ -309,19 +312,20 @@ def _gptq_items(shape: Shape, true_sequential: bool, compute: str) -> list[Item]
     overlap: an accumulator's sums are freed once its Hessian is read out).
 
     *Collecting* the Hessian of an input ``c`` columns wide: the accumulator's float32 batch
-    sum (4 bytes an entry) and exact float64 pair of its upper blocks (16 bytes an entry of
-    10 of 4 x 4 blocks, :class:`qtool.calibrate.stats.HessianAccumulator`; the Hessian is read
-    out over the float32 sum) and the float64
-    temporaries of one of its column blocks as a batch group is added in (three, of at most
-    4 x 4 blocks). Without true-sequential every linear's is collected in one pass (an upper
-    bound: linears sharing an input share one).
+    sum (4 bytes an entry), its buffer of input rows (``BUFFER_ROWS x c``, float32), the exact
+    float64 pair of its upper blocks (16 bytes an entry of 10 of 4 x 4 blocks,
+    :class:`qtool.calibrate.stats.HessianAccumulator`; the Hessian is read out over the
+    float32 sum) and the float64 temporaries of one of its column blocks as a batch group is
+    added in (three, of at most 4 x 4 blocks; the compiled CPU fold makes none). Without
+    true-sequential every linear's is collected in one pass (an upper bound: linears sharing
+    an input share one).
 
     *Solving* a ``rows x c`` linear (:func:`qtool.methods.gptq.gptq_quantize`): its Hessian, the
-    float32 weight read exactly and the solver's working copy (``8 rows c``), and two ``c x c``
-    float32 matrices at once while the inverse's Cholesky factor is made (``H + damp I`` and
-    its factor, the factor and the inverse, the inverse and its factor: ``12 c^2`` with the
-    Hessian); then the error reports, beside the Hessian and the weight: the dequantized GPTQ
-    and RTN weights, a difference and its product with ``H`` and with itself (``24 rows c``).
+    float32 weight read exactly, the solver's working copy and its int32 codes (``12 rows c``),
+    and one ``c x c`` float32 matrix in whose memory the inverse's Cholesky factor is made
+    (``8 c^2`` with the Hessian); then the error reports, beside the Hessian and the weight:
+    the dequantized GPTQ and RTN weights, a difference and its product with ``H`` and with
+    itself (``24 rows c``).
     Without true-sequential the other linears' Hessians stay too.
 
     The finished linears' codes (one byte a weight) wait in host memory for the layer's end."""
@@ -330,9 +334,9 @@ def _gptq_items(shape: Shape, true_sequential: bool, compute: str) -> list[Item]
     block = c_collect // _hessian_blocks(c_collect)
     fold = 24 * block * block
 
-    def collecting(c: int) -> int:  # the float32 sum, the float64 pair of its upper blocks
+    def collecting(c: int) -> int:  # the float32 sum, the row buffer, the float64 pair
         n = _hessian_blocks(c)
-        return 4 * c * c + 16 * (c * c * (n + 1) // (2 * n))
+        return 4 * c * c + 4 * _BUFFER_ROWS * c + 16 * (c * c * (n + 1) // (2 * n))
 
     if true_sequential:
         collect, others = collecting(c_collect) + fold, 0
@@ -340,7 +344,7 @@ def _gptq_items(shape: Shape, true_sequential: bool, compute: str) -> list[Item]
         collect, others = sum(map(collecting, ins)) + fold, 4 * sum(i * i for i in ins)
     solve, worst = 0, shape.linear_shapes[0]
     for rows, cols in shape.linear_shapes:
-        here = max(12 * cols * cols + 8 * rows * cols, 4 * cols * cols + 24 * rows * cols)
+        here = max(8 * cols * cols + 12 * rows * cols, 4 * cols * cols + 24 * rows * cols)
         here += others - 4 * cols * cols if others else 0
         if here > solve:
             solve, worst = here, (rows, cols)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from qtool.calibrate.stats import (
+    HessianAccumulator,
     InputAccumulator,
     StatsCollector,
     kl_threshold_from_hist,
@@ -171,3 +172,45 @@ def test_layerwise_equals_whole_model_gemma3(assets) -> None:
     for name, st in lw.stats.items():
         np.testing.assert_allclose(st.sum_sq, whole[name].sum_sq, rtol=1e-5, err_msg=name)
         np.testing.assert_allclose(st.absmax, whole[name].absmax, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("buffer_rows", [1, 64, 2048])
+def test_buffered_hessian_rows_are_each_counted_once(buffer_rows: int) -> None:
+    """Input rows wait in a buffer for one wide product (flushed when full, when a batch wider
+    than it or of another dtype arrives, and at every group's end): with small integers every
+    float32 partial sum is exact, so ``x^T x`` must equal the int64 product of all the rows,
+    whatever the buffer's size and however the batches fall around it."""
+    g = torch.Generator().manual_seed(5)
+    cols = 300  # one column block: the lower triangle is filled from the upper
+    acc = HessianAccumulator(cols, torch.device("cpu"), buffer_rows=buffer_rows)
+    seen = []
+    for k, (rows, dtype) in enumerate(
+        [(37, torch.bfloat16), (40, torch.bfloat16), (100, torch.bfloat16), (5, torch.float32),
+         (64, torch.bfloat16), (3, torch.bfloat16), (2100, torch.bfloat16), (11, torch.float32)]
+    ):  # fmt: skip
+        x = torch.randint(-8, 9, (rows, cols), generator=g)
+        seen.append(x)
+        acc.add(x.to(dtype).reshape(1, rows, cols))
+        if k == 4:
+            acc.end_group()
+    allx = torch.cat(seen).to(torch.int64)
+    assert acc.rows == allx.shape[0]
+    assert torch.equal(acc.xtx().to(torch.int64), allx.T @ allx)
+
+
+def test_buffered_hessian_matches_float64() -> None:
+    """Real-valued bf16 activations over four column blocks (upper blocks computed, the rest
+    mirrored): the accumulated ``x^T x`` is torch's float64 product to float32 accuracy."""
+    g = torch.Generator().manual_seed(6)
+    cols = 1100
+    acc = HessianAccumulator(cols, torch.device("cpu"))
+    xs = [(torch.randn(512, cols, generator=g) * 3).to(torch.bfloat16) for _ in range(9)]
+    for k, x in enumerate(xs):
+        acc.add(x)
+        if k % 4 == 3:
+            acc.end_group()
+    x64 = torch.cat(xs).to(torch.float64)
+    ref = x64.T @ x64
+    got = acc.xtx().to(torch.float64)
+    assert torch.allclose(got, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+    assert torch.equal(got, got.T)

@@ -41,21 +41,25 @@ def _plan(shape: Shape, **kw):
 
 def test_gptq_layer_counts_the_larger_of_collecting_and_solving() -> None:
     """At 1B widths the down projection's 8192-column Hessian is collected in a float32 batch
-    sum (4 bytes an entry; the Hessian is read out over it) and a float64 exact pair of its 10
+    sum (4 bytes an entry; the Hessian is read out over it), a buffer of 2048 input rows (float32)
+    and a float64 exact pair of its 10
     upper blocks of 4 x 4 (the accumulator's own storage), plus one 2048 x 2048 block's three
-    float64 temporaries; solving it (Hessian + two factor-sized matrices + two float32
-    weights, 896 MiB) is smaller, so only the collection counts."""
+    float64 temporaries; solving it (Hessian + the one matrix its inverse's factor is made in
+    + the float32 weight, its working copy and int32 codes, 704 MiB) is smaller, so only the
+    collection counts."""
     p = _plan(_llama_1b())
     items = {i.what: i.bytes for i in p.items}
     c = 8192
     acc = HessianAccumulator(c, torch.device("meta"))
-    acc.add(torch.ones(1, c, device="meta"))
+    acc.add(torch.ones(1, c, dtype=torch.bfloat16, device="meta"))
     acc.end_group()
-    assert acc.hi is not None and acc.lo is not None
+    assert acc.hi is not None and acc.lo is not None and acc._buf is not None
     pair = acc.hi.numel() * 8 + acc.lo.numel() * 8
     assert pair == 16 * c * c * 10 // 16
+    rows = acc._buf.numel() * acc._buf.element_size()  # the input rows waiting for a product
+    assert rows == 2048 * c * 4
     got = items["GPTQ: collecting a 8192-column Hessian"]
-    assert got == acc.sum.numel() * 4 + pair + 24 * 2048 * 2048
+    assert got == acc.sum.numel() * 4 + rows + pair + 24 * 2048 * 2048
     assert items["GPTQ: the layer's finished codes"] == _llama_1b().layer_params
     assert not any("solv" in w for w in items)
     # the embedding pass (0.5 GiB in bf16) is below a GPTQ layer here: not added on top
@@ -117,7 +121,7 @@ def test_dampened_factor_without_an_identity_matrix_is_the_same_bits() -> None:
         h = (x.T @ x) * (2 / (2 * n))
         h[h == 0] = -0.0
         for damp in (0.01, 0.1):
-            got, used = _inverse_cholesky_here(h, damp, "w")
+            got, used = _inverse_cholesky_here(h.clone, damp, "w")
             assert used == damp
             assert torch.equal(got.view(torch.int32), reference(h, damp).view(torch.int32))
 

@@ -148,7 +148,7 @@ class HessianAccumulator:
         # per-channel max |x|, for static activation scales (off unless asked: it costs a pass)
         self.absmax = torch.zeros(columns, dtype=torch.float32, device=device) if absmax else None
         self.rows = 0
-        n = max(1, min(4, columns // self.BLOCK))
+        n = self.column_blocks(columns)
         edges = [round(i * columns / n) for i in range(n + 1)]
         self.blocks = list(zip(edges[:-1], edges[1:], strict=True))
         # the upper blocks (i <= j), in order, and where each starts in the pair's storage
@@ -170,6 +170,12 @@ class HessianAccumulator:
         self._buf: torch.Tensor | None = None
         self._fill = 0
         self._src = dtype  # the dtype the buffered rows came in
+
+    @classmethod
+    def column_blocks(cls, columns: int) -> int:
+        """How many column blocks a ``columns``-wide accumulator has: at most 4, of at least
+        ``BLOCK`` columns (the memory plan counts its storage by the same rule)."""
+        return max(1, min(4, columns // cls.BLOCK))
 
     def _block(self, flat: torch.Tensor, k: int) -> torch.Tensor:
         """Upper block ``k`` of the float64 pair's flat storage, as a matrix."""

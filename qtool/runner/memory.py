@@ -298,15 +298,6 @@ def plan_memory(
     )
 
 
-_BUFFER_ROWS = 2048  # qtool.calibrate.stats.HessianAccumulator.BUFFER_ROWS
-
-
-def _hessian_blocks(columns: int) -> int:
-    """Column blocks of a Hessian accumulator (:class:`qtool.calibrate.stats.
-    HessianAccumulator`: at most 4, of at least 256 columns)."""
-    return max(1, min(4, columns // 256))
-
-
 def _gptq_items(shape: Shape, true_sequential: bool, compute: str) -> list[Item]:
     """What a GPTQ layer holds beside its weights, at the larger of its two peaks (they never
     overlap: an accumulator's sums are freed once its Hessian is read out).
@@ -329,14 +320,17 @@ def _gptq_items(shape: Shape, true_sequential: bool, compute: str) -> list[Item]
     Without true-sequential the other linears' Hessians stay too.
 
     The finished linears' codes (one byte a weight) wait in host memory for the layer's end."""
+    from qtool.calibrate.stats import HessianAccumulator  # torch: imported when a plan is made
+
+    blocks, buffer_rows = HessianAccumulator.column_blocks, HessianAccumulator.BUFFER_ROWS
     ins = shape.linear_inputs
     c_collect = max(ins)
-    block = c_collect // _hessian_blocks(c_collect)
+    block = c_collect // blocks(c_collect)
     fold = 24 * block * block
 
     def collecting(c: int) -> int:  # the float32 sum, the row buffer, the float64 pair
-        n = _hessian_blocks(c)
-        return 4 * c * c + 4 * _BUFFER_ROWS * c + 16 * (c * c * (n + 1) // (2 * n))
+        n = blocks(c)
+        return 4 * c * c + 4 * buffer_rows * c + 16 * (c * c * (n + 1) // (2 * n))
 
     if true_sequential:
         collect, others = collecting(c_collect) + fold, 0

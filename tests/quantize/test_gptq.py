@@ -12,6 +12,7 @@ from qtool.calibrate.stats import HessianAccumulator
 from qtool.errors import QToolError
 from qtool.grids.affine import QuantScheme, fit_params, quantize_weight
 from qtool.methods.gptq import GPTQConfig, gptq_quantize
+from qtool.runner.memory import current_rss, peak_rss
 
 
 def _correlated(n: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -240,20 +241,14 @@ def test_solved_weight_is_laid_out_as_a_restored_one(grid: str) -> None:
     )
 
 
-def _hwm_reset() -> int | None:
-    """Reset this process's peak RSS mark (Linux) and return the RSS now, or None."""
+def _reset_peak() -> bool:
+    """Restart this process's peak RSS mark (Linux's ``clear_refs``); False where there is none."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS:"))
     except OSError:
-        return None
-
-
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+        return False
+    return True
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -277,11 +272,11 @@ def test_solve_holds_one_matrix_beside_the_hessian_and_leaves_it_unchanged(
     config = GPTQConfig(act_order=act_order, static_groups=act_order)
     # compiled loops and first-call buffers first: they are not the solve's
     gptq_quantize("w", w[:, :200], h[:200, :200], QuantScheme(4, group_size=100), config)
-    base = _hwm_reset()
-    if base is None:
+    if not _reset_peak():
         pytest.skip("needs Linux's /proc/self/clear_refs to measure a peak")
+    base = current_rss()
     res = gptq_quantize("w", w, h, QuantScheme(4, group_size=100), config)
-    extra = (_hwm() - base) / (cols * cols * 4)
+    extra = (peak_rss() - base) / (cols * cols * 4)
     assert extra < 1.5, f"the solve held {extra:.2f} Hessian-sized matrices beside H"
     assert torch.equal(h.view(torch.int32), before.view(torch.int32))
     assert torch.all(res.weight.dequantize()[:, 7] == 0)

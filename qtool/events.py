@@ -15,7 +15,9 @@ or bytes, e.g. tensors written).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -123,3 +125,23 @@ def as_reporter(
     if reporter is not None:
         return reporter
     return CallbackReporter(on_event) if on_event is not None else SILENT
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' load progress bars, notes and warnings silenced: they would mix with
+    qtool's stderr, where only the :class:`Reporter` writes."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -14,9 +14,6 @@ head per slice, so no (ctx x vocab) float64 array is ever built.
 from __future__ import annotations
 
 import importlib.util
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,7 +27,7 @@ from qtool.errors import (
     UnsupportedError,
 )
 from qtool.evaluate.gguf_decode import decode_state_dict
-from qtool.events import SILENT, Reporter
+from qtool.events import SILENT, Reporter, quiet_transformers
 
 BACKENDS = ("torch", "llama.cpp")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -195,25 +192,6 @@ def resolve_device(name: str) -> str:
     return name
 
 
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """transformers' load progress bars and notes would mix with qtool's stderr."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def open_source(src: str) -> Checkpoint:
     """open_checkpoint for eval (a Hub id's weights are downloaded, pickle is refused); a
     local GGUF file goes through the fast header reader (:mod:`.gguf_header`)."""
@@ -230,7 +208,7 @@ def hf_config(ckpt: Checkpoint) -> Any:
     from transformers import AutoConfig
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             if ckpt.format == "gguf":
                 assert ckpt.gguf_path is not None
                 return AutoConfig.from_pretrained(
@@ -246,7 +224,7 @@ def load_tokenizer(ckpt: Checkpoint) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             if ckpt.format == "gguf":
                 assert ckpt.gguf_path is not None
                 return AutoTokenizer.from_pretrained(
@@ -273,7 +251,7 @@ def _from_pretrained(ckpt: Checkpoint, dtype: Any, device: str, **kwargs: Any) -
     from transformers import AutoModelForCausalLM
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(
                 str(ckpt.root), dtype=dtype, trust_remote_code=False, **kwargs
             )
@@ -340,7 +318,7 @@ def load_gptq_unpacked(ckpt: Checkpoint, dtype: Any, device: str) -> Any:
     cfg_dict.pop("quantization_config", None)
     model_type = cfg_dict.get("model_type")
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             cfg = AutoConfig.for_model(**cfg_dict)
             with torch.device("meta"):
                 skeleton = AutoModelForCausalLM.from_config(cfg)
@@ -352,7 +330,7 @@ def load_gptq_unpacked(ckpt: Checkpoint, dtype: Any, device: str) -> Any:
     del skeleton
     names = list(ckpt.tensors)
     state = dict(dense_tensors(names, ckpt.read, ckpt.config, dtype))
-    with _quiet_transformers():
+    with quiet_transformers():
         model = cls.from_pretrained(None, config=cfg, state_dict=state, dtype=dtype)
     del state
     return model.to(device)
@@ -374,13 +352,13 @@ def load_gguf_into(
     cfg.tie_word_embeddings = tied
     if hasattr(cfg, "get_text_config"):
         cfg.get_text_config().tie_word_embeddings = tied
-    with _quiet_transformers(), torch.device("meta"):
+    with quiet_transformers(), torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(cfg)
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     cls = type(skeleton)  # the Auto class's from_pretrained wants a path; the model class not
     del skeleton
     state = decode_state_dict(ckpt, expected, cfg.to_dict(), dtype=dtype, tied=tied)
-    with _quiet_transformers():
+    with quiet_transformers():
         model = cls.from_pretrained(None, config=cfg, state_dict=state, dtype=dtype)
     del state
     return model.to(device), cfg.to_dict()

@@ -109,10 +109,10 @@ def _write_config(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from qtool.evaluate.loaders import _quiet_transformers
+    from qtool.events import quiet_transformers
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             cfg = AutoConfig.from_pretrained(folder, **local)
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise UnsupportedError(
@@ -121,7 +121,7 @@ def _write_config(
         ) from e
     added = family.complete_hf_config(cfg, ckpt)
     try:
-        with _quiet_transformers(), torch.device("meta"):
+        with quiet_transformers(), torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
     except (ValueError, KeyError, TypeError) as e:
         raise UnsupportedError(
@@ -129,7 +129,7 @@ def _write_config(
             f"config ({e})"
         ) from e
     cfg.architectures = [type(skeleton).__name__]
-    with _quiet_transformers():
+    with quiet_transformers():
         cfg.save_pretrained(tmp)
         GenerationConfig.from_model_config(cfg).save_pretrained(tmp)
     return added
@@ -141,10 +141,10 @@ def _write_tokenizer(
     """transformers' GGUF tokenizer, with llama.cpp's behaviour where transformers lacks it."""
     from transformers import AutoTokenizer
 
-    from qtool.evaluate.loaders import _quiet_transformers
+    from qtool.events import quiet_transformers
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tok = AutoTokenizer.from_pretrained(folder, **local)
     except Exception as e:  # transformers raises ValueError/KeyError/TypeError variously
         raise UnsupportedError(
@@ -169,7 +169,7 @@ def _write_tokenizer(
         if whole:
             tok.add_tokens(whole)
             adjusted.append(f"{len(whole)} user-defined whitespace tokens matched whole")
-    with _quiet_transformers():
+    with quiet_transformers():
         tok.save_pretrained(str(tmp))
     tc = tmp / "tokenizer_config.json"
     if tc.is_file():
@@ -212,9 +212,9 @@ def meta_shapes(config: dict[str, Any], folder: Path) -> dict[str, tuple[int, ..
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qtool.evaluate.loaders import _quiet_transformers
+    from qtool.events import quiet_transformers
 
-    with _quiet_transformers():
+    with quiet_transformers():
         cfg = AutoConfig.from_pretrained(str(folder))
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)

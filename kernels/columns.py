@@ -15,7 +15,7 @@ columns in order, with the same float32 operations in the same order as the tens
 numba does not contract ``a*b + c`` into an FMA unless asked (no fastmath here), and every
 operand is float32, so each value is rounded where the tensor code rounds it.
 
-:func:`fold` is :func:`qtool.calibrate.stats.fold`'s TwoSum, entry by entry in one pass (the
+:func:`fold` is :func:`qtool.observers.stats.fold`'s TwoSum, entry by entry in one pass (the
 tensor version makes six passes and three temporaries of the matrix).
 
 ``AVAILABLE`` is False without numba; callers then use their tensor code.

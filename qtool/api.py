@@ -67,7 +67,7 @@ class InspectResult(Result):
 
 @dataclass
 class CalibrateResult(Result):
-    stats: Any = field(default=None, repr=False)  # qtool.calibrate.statsfile.CalibrationStats
+    stats: Any = field(default=None, repr=False)  # qtool.observers.statsfile.CalibrationStats
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Resolve SRC (Hub repo id, local folder, or .gguf file) into a lazily read checkpoint.
 
 Nothing here reads tensor data until asked: safetensors headers are parsed directly (8-byte
-length + JSON), GGUF files through gguf-py's memory-mapped reader. Pickle checkpoints
-(``.bin``/``.pt``/``.pth``) are refused unless the caller passes ``allow_pickle=True``.
+length + JSON), GGUF headers by :mod:`qtool.gguf_meta`; both give :class:`TensorInfo` entries.
+Pickle checkpoints (``.bin``/``.pt``/``.pth``) are refused unless the caller passes
+``allow_pickle=True``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qtool.errors import BadInputError, CorruptFileError, SourceNotFoundError, UnsupportedError
+from qtool.tensorinfo import TensorInfo
 
 # Files a Hub download needs: config, tokenizer, safetensors weights and their index.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
@@ -70,25 +72,6 @@ class _LazyDtypes(dict):  # type: ignore[type-arg]
 
 
 ST_TORCH_DTYPES = _LazyDtypes()
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor as stored: name, shape (PyTorch order), dtype name, bytes, file and offset."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # safetensors dtype ("BF16") or GGUF type name ("Q4_K")
-    nbytes: int
-    file: Path
-    offset: int = 0  # absolute offset of the data in ``file``
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
 
 
 @dataclass

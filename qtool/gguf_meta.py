@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from qtool.checkpoint import TensorInfo
 from qtool.errors import CorruptFileError
+from qtool.tensorinfo import TensorInfo
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32

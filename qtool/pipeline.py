@@ -774,7 +774,7 @@ def _statistics(ctx: Context, opts: RunOptions, reporter: Reporter) -> None:
     plan, r = ctx.plan, ctx.plan.recipe
     if not plan.needs_stats:
         return
-    from qtool.calibrate.statsfile import load_stats
+    from qtool.observers.statsfile import load_stats
 
     c = r.calibration
     assert c is not None

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qtool.checkpoint import TensorInfo
 from qtool.errors import CorruptFileError
+from qtool.tensorinfo import TensorInfo
 
 GGUF_MAGIC = b"GGUF"
 

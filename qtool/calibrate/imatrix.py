@@ -30,9 +30,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from qtool.calibrate.stats import LinearStats
 from qtool.errors import BadInputError, CorruptFileError
 from qtool.io import atomic_file
+from qtool.observers.stats import LinearStats
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3

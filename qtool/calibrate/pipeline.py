@@ -25,18 +25,18 @@ from qtool.calibrate.datasets import (
     resolve_dataset,
 )
 from qtool.calibrate.imatrix import Imatrix, entries_from_stats, gguf_weight_name
-from qtool.calibrate.stats import HIST_BINS
-from qtool.calibrate.statsfile import (
+from qtool.checkpoint import Checkpoint, open_checkpoint
+from qtool.errors import BadInputError, PeerError, UnsupportedError
+from qtool.events import SILENT, Reporter
+from qtool.models.spec import ModelSpec
+from qtool.observers.stats import HIST_BINS
+from qtool.observers.statsfile import (
     FORMAT,
     VERSION,
     CalibrationStats,
     model_identity,
     sample_weights,
 )
-from qtool.checkpoint import Checkpoint, open_checkpoint
-from qtool.errors import BadInputError, PeerError, UnsupportedError
-from qtool.events import SILENT, Reporter
-from qtool.models.spec import ModelSpec
 from qtool.runner.layers import (
     COMPUTE_DTYPES,
     CalibrationWork,
@@ -342,9 +342,9 @@ def run_calibrate(
     from dataclasses import asdict
 
     from qtool.calibrate.imatrix import save_imatrix
-    from qtool.calibrate.stats import outlier_rows
-    from qtool.calibrate.statsfile import save_stats
     from qtool.io import check_writable
+    from qtool.observers.stats import outlier_rows
+    from qtool.observers.statsfile import save_stats
     from qtool.runner import dist
 
     if top < 0 or outlier_factor <= 1:

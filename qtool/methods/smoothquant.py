@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qtool.calibrate.statsfile import CalibrationStats
 from qtool.checkpoint import Checkpoint
 from qtool.errors import BadInputError, UnsupportedError
+from qtool.observers.statsfile import CalibrationStats
 
 
 @dataclass

@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from qtool.checkpoint import Checkpoint, TensorInfo
+from qtool.checkpoint import Checkpoint
 from qtool.errors import CorruptFileError, UnsupportedError
 from qtool.models.base import Family
+from qtool.tensorinfo import TensorInfo
 
 # GGUF tensors llama.cpp computes with that have no HF weight: HF derives them from the config.
 RUNTIME_ONLY = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")

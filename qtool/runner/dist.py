@@ -9,7 +9,7 @@ NCCL for CUDA tensors; one process group serves both, ``cpu:gloo,cuda:nccl``):
   the hidden states are the single-process run's, bit for bit.
 - **statistics and Hessians** are summed exactly: each group's partial sum (the single-process
   accumulation, restarted at every group) is added into a float64 pair ``hi + lo`` with Knuth's
-  TwoSum (:func:`qtool.calibrate.stats.fold`), and the ranks' pairs are all-gathered and folded
+  TwoSum (:func:`qtool.observers.stats.fold`), and the ranks' pairs are all-gathered and folded
   the same way (:meth:`World.exact_sum_`). Every addition is then exact (see ``fold`` for the
   one condition), so the sum does not depend on how the groups were spread over the ranks and the
   result, rounded once, is the single-process run's bits. Counts and histograms are integers;
@@ -36,8 +36,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from qtool.calibrate.stats import merge
 from qtool.errors import BadInputError, PeerError, QToolError
+from qtool.observers.stats import merge
 from qtool.runner.ranks import DIE_ENV, LAUNCHER_ENV, launched
 from qtool.runner.ranks import rank as env_rank
 from qtool.runner.ranks import world_size as env_world_size

@@ -38,10 +38,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from qtool.calibrate.stats import LinearStats, NonFiniteError, StatsCollector
 from qtool.checkpoint import Checkpoint
 from qtool.errors import BadInputError, QToolError, UnsupportedError
 from qtool.events import SILENT, Reporter
+from qtool.observers.stats import LinearStats, NonFiniteError, StatsCollector
 from qtool.runner import dist
 from qtool.runner.dist import World, die_here, group_ends, groups, local_cuda, shard
 from qtool.runner.memory import release_freed
@@ -390,7 +390,7 @@ def fingerprint(ckpt: Checkpoint) -> dict[str, Any]:
     headers, and a few elements of a few tensors."""
     import hashlib
 
-    from qtool.calibrate.statsfile import model_identity, sample_weights
+    from qtool.observers.statsfile import model_identity, sample_weights
 
     heads = sorted((n, list(t.shape), str(t.dtype)) for n, t in ckpt.tensors.items())
     try:

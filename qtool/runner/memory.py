@@ -305,7 +305,7 @@ def _gptq_items(shape: Shape, true_sequential: bool, compute: str) -> list[Item]
     *Collecting* the Hessian of an input ``c`` columns wide: the accumulator's float32 batch
     sum (4 bytes an entry), its buffer of input rows (``BUFFER_ROWS x c``, float32), the exact
     float64 pair of its upper blocks (16 bytes an entry of 10 of 4 x 4 blocks,
-    :class:`qtool.calibrate.stats.HessianAccumulator`; the Hessian is read out over the
+    :class:`qtool.observers.stats.HessianAccumulator`; the Hessian is read out over the
     float32 sum) and the float64 temporaries of one of its column blocks as a batch group is
     added in (three, of at most 4 x 4 blocks; the compiled CPU fold makes none). Without
     true-sequential every linear's is collected in one pass (an upper bound: linears sharing
@@ -320,7 +320,7 @@ def _gptq_items(shape: Shape, true_sequential: bool, compute: str) -> list[Item]
     Without true-sequential the other linears' Hessians stay too.
 
     The finished linears' codes (one byte a weight) wait in host memory for the layer's end."""
-    from qtool.calibrate.stats import HessianAccumulator  # torch: imported when a plan is made
+    from qtool.observers.stats import HessianAccumulator  # torch: imported when a plan is made
 
     blocks, buffer_rows = HessianAccumulator.column_blocks, HessianAccumulator.BUFFER_ROWS
     ins = shape.linear_inputs

@@ -33,13 +33,13 @@ import torch
 from torch import nn
 
 from qtool import __version__
-from qtool.calibrate.stats import HessianAccumulator
-from qtool.calibrate.statsfile import model_identity
 from qtool.checkpoint import Checkpoint
 from qtool.errors import BadInputError, QToolError
 from qtool.events import SILENT, Reporter
 from qtool.grids.base import Grid, QuantizedTensor
 from qtool.methods.gptq import GPTQConfig, GPTQResult, gptq_quantize
+from qtool.observers.stats import HessianAccumulator
+from qtool.observers.statsfile import model_identity
 from qtool.runner.dist import World, assign, die_here
 from qtool.runner.layers import DTYPES, Session, pick_device
 from qtool.runner.memory import peak_rss, release_freed

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qtool.calibrate.imatrix import load_imatrix
-from qtool.calibrate.statsfile import load_stats
+from qtool.observers.statsfile import load_stats
 
 
 def test_calibrate_writes_stats_and_imatrix(cli, tiny_tok: Path, tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ import torch
 
 from qtool.calibrate.imatrix import load_imatrix, save_imatrix
 from qtool.calibrate.pipeline import CalibrateOptions, calibrate, imatrix_of, prepare
-from qtool.calibrate.statsfile import StatsMismatchError, load_stats, save_stats
 from qtool.errors import BadInputError, CorruptFileError
+from qtool.observers.statsfile import StatsMismatchError, load_stats, save_stats
 from tests.conftest import make_tiny_llama
 
 

@@ -9,10 +9,10 @@ import pytest
 import qtool.kernels.columns as columns
 import torch
 
-from qtool.calibrate.stats import fold
 from qtool.grids.affine import QuantScheme
 from qtool.grids.gguf import GGUFGrid
 from qtool.methods.gptq import GPTQConfig, gptq_quantize
+from qtool.observers.stats import fold
 
 
 def test_numba_is_there() -> None:

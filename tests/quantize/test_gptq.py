@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from qtool.calibrate.stats import HessianAccumulator
 from qtool.errors import QToolError
 from qtool.grids.affine import QuantScheme, fit_params, quantize_weight
 from qtool.methods.gptq import GPTQConfig, gptq_quantize
+from qtool.observers.stats import HessianAccumulator
 from qtool.runner.memory import current_rss, peak_rss
 
 

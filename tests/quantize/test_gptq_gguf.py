@@ -20,9 +20,9 @@ import torch
 from qtool.kernels import get_type
 
 from qtool import api
-from qtool.calibrate.stats import HessianAccumulator
 from qtool.grids.gguf import GGUFGrid
 from qtool.methods.gptq import GPTQConfig, gptq_quantize
+from qtool.observers.stats import HessianAccumulator
 from tests.export.helpers import build_tiny, gguf_tensors, llama_logits, llama_quantize
 
 BLOCK_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -154,7 +154,7 @@ def tiny(assets, tmp_path_factory: pytest.TempPathFactory):
 
 def _hessians(stats: Path) -> dict[str, torch.Tensor]:
     """HF module -> 2/n sum x x^T (float inputs), shared inputs resolved."""
-    from qtool.calibrate.statsfile import load_stats
+    from qtool.observers.statsfile import load_stats
 
     cal = load_stats(stats)
     out = {}

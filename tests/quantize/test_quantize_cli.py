@@ -119,11 +119,11 @@ def test_w8a8_smoothquant_loads_and_matches_reference(cli, tok32: Path, tmp_path
 
     from transformers import AutoModelForCausalLM
 
-    from qtool.calibrate.statsfile import load_stats
     from qtool.evaluate.dequantized import apply_dequantized
     from qtool.formats.folder import ActivationQuant
     from qtool.grids.affine import QuantScheme, quantize_weight
     from qtool.methods.smoothquant import smoothquant, static_input_scales
+    from qtool.observers.statsfile import load_stats
 
     ckpt = open_checkpoint(str(tok32))
     cal = load_stats(stats)

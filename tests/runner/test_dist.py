@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from qtool.calibrate.stats import HessianAccumulator, InputAccumulator, StatsCollector, merge
+from qtool.observers.stats import HessianAccumulator, InputAccumulator, StatsCollector, merge
 from qtool.runner.dist import GROUPS, assign, group_ends, groups, shard
 from tests.conftest import make_tiny_llama
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qtool.calibrate.stats import HessianAccumulator
 from qtool.methods.gptq import _inverse_cholesky_here
+from qtool.observers.stats import HessianAccumulator
 from qtool.runner import memory
 from qtool.runner.memory import Shape, current_rss, plan_memory, release_freed
 

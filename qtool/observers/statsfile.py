@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from qtool.calibrate.stats import LinearStats
 from qtool.checkpoint import Checkpoint, open_checkpoint
 from qtool.errors import BadInputError, CorruptFileError
 from qtool.io import atomic_file
 from qtool.models.spec import ModelSpec
+from qtool.observers.stats import LinearStats
 
 FORMAT = "qtool.calibration"
 VERSION = 1

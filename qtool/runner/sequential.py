@@ -14,8 +14,10 @@ A pass over the calibration samples collects one group's inputs and stops the fo
 linears are all quantized are *frozen*: their outputs cannot change any more, so the outermost
 ones record their outputs the first time they run and return them in the later passes instead
 of recomputing (the attention block runs once with its quantized q/k/v, for example). Every
-linear and the attention thus run once per layer; only norms and the like repeat. The final
-pass computes the layer's output, which becomes the next layer's input.
+linear and the attention thus run once per layer. A norm whose readers all replay their outputs
+is skipped too (the family's norm -> linears pairs say who reads it); what still repeats is the
+residual additions and the like. The final pass computes the layer's output, which becomes the
+next layer's input.
 """
 
 from __future__ import annotations
@@ -298,6 +300,7 @@ class _LayerPasses:
         stash: Callable[[str], Stash],
         cache_outputs: bool,
         tails: dict[str, tuple[str, int | None]] | None = None,
+        norm_feeds: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.layer = layer
         self.tails: dict[str, tuple[str, int | None]] = (tails or {}) if cache_outputs else {}
@@ -310,6 +313,13 @@ class _LayerPasses:
         self.cache_outputs = cache_outputs
         self.cache: dict[str, _Outputs] = {}
         self.modules = {n: m for n, m in layer.named_modules() if n}
+        # norm -> the linears that alone read its output (the family's SmoothQuant pairs): a
+        # pass where all of them sit under modules replaying their outputs skips the norm
+        self.norm_feeds = {
+            n: lins
+            for n, lins in (norm_feeds or {}).items()
+            if lins and all(x in self.modules for x in (n, *lins))
+        }
         self.optional: set[str] = set()  # MoE experts: a batch may route no token to them
         self.lin_under = {
             n: {ln for ln in linears if ln == n or ln.startswith(n + ".")} for n in self.modules
@@ -361,6 +371,7 @@ class _LayerPasses:
         }
         j_now = [0]
         patched, hooks = [], []
+        replayed: list[str] = []  # modules whose forward ignores its input in this pass
         used: set[str] = set()
         for n in frozen:
             mod = self.modules[n]
@@ -368,11 +379,20 @@ class _LayerPasses:
                 entries = self.cache[n]
                 object.__setattr__(mod, "forward", lambda *a, _e=entries, **k: _e[j_now[0]])
                 patched.append(mod)
+                replayed.append(n)
             elif n in self.tails and len(self.saved.get(self.tails[n][0], ())) == len(self.hidden):
                 lname, size = self.tails[n]
                 object.__setattr__(mod, "forward", self._tail_forward(lname, size, j_now))
                 patched.append(mod)
+                replayed.append(n)
                 used.add(lname)
+        for norm, lins in self.norm_feeds.items():
+            # nothing reads this norm's output now: its input stands in for it (same shape and
+            # dtype), unread. In a Llama layer, 4 of the 8 norm calls of a layer's passes
+            if all(any(x == r or x.startswith(r + ".") for r in replayed) for x in lins):
+                mod = self.modules[norm]
+                object.__setattr__(mod, "forward", lambda x, *a, **k: x)
+                patched.append(mod)
         for n, store in record.items():
             hooks.append(
                 self.modules[n].register_forward_hook(lambda _m, _a, y, _s=store: _s.add(y))
@@ -643,7 +663,9 @@ def _quantize_layer(
     # was recorded: true-sequential runs only
     tails = plan.tails if sequential else {}
     cache = opts.cache_outputs and propagate
-    passes = _LayerPasses(layer, linears, hidden, args, session.stash, cache, tails)
+    passes = _LayerPasses(
+        layer, linears, hidden, args, session.stash, cache, tails, _norm_feeds(session.ckpt)
+    )
     passes.optional = experts
     n_passes = len(stages) + 1
     reporter.stage(f"layer {index}", index + 1, total, n_passes * len(session.batches))
@@ -739,6 +761,16 @@ def _quantize_layer(
     finally:
         passes.close()
     return results, reports
+
+
+def _norm_feeds(ckpt: Checkpoint) -> dict[str, tuple[str, ...]]:
+    """Each norm of a decoder layer and the linears that alone read its output: the family's
+    SmoothQuant pairs, which must be complete for SmoothQuant to be right; none for an
+    architecture qtool has no family for."""
+    from qtool.models import GenericFamily, family_for
+
+    family = family_for(ckpt.config, strict=False)
+    return {} if isinstance(family, GenericFamily) else dict(family.smooth_pairs)
 
 
 def _cost(lin: nn.Linear) -> float:

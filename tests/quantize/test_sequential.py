@@ -104,6 +104,54 @@ def test_output_cache_is_exact(tiny32: Path, tmp_path: Path, true_sequential: bo
         assert torch.equal(cached[k].scale, plain[k].scale), k
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "phi3"])
+def test_skipped_norms_change_no_bit(arch: str, assets, tmp_path: Path, monkeypatch) -> None:
+    """A norm whose readers (the family's norm -> linears pairs) all replay their outputs is not
+    computed: each pre-norm runs in the two passes that need it (collecting its linears' inputs,
+    then the next group's) instead of in every pass, and the codes equal those of the run that
+    replays and skips nothing. Fails if a norm were skipped while something still read it."""
+    from qtool.models import family_for
+    from qtool.runner import sequential
+    from tests.export.helpers import build_tiny
+
+    src = build_tiny(tmp_path / arch, arch, assets.smollm2_hf)
+    ckpt = open_checkpoint(str(src))
+    norms = {n for n, _ in family_for(ckpt.config).smooth_pairs}
+    calls: dict[str, int] = {}
+    seen: dict[int, str] = {}
+    real_init = sequential._LayerPasses.__init__
+
+    def init(self, layer, *a, **k):  # name the norm modules of each layer as it is built
+        real_init(self, layer, *a, **k)
+        seen.clear()  # one layer's passes at a time
+        seen.update({id(m): n for n, m in layer.named_modules() if n in norms})
+
+    monkeypatch.setattr(sequential._LayerPasses, "__init__", init)
+
+    def hook(module: torch.nn.Module, _a: object, _y: object) -> None:
+        name = seen.get(id(module))  # a replaced forward (an instance attribute) computes nothing
+        if name is not None and "forward" not in vars(module):
+            calls[name] = calls.get(name, 0) + 1
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        _, cached = _run(src, tmp_path / "a")
+        n_cached, calls = dict(calls), {}
+        _, plain = _run(src, tmp_path / "b", cache_outputs=False)
+        n_plain = dict(calls)
+    finally:
+        handle.remove()
+    assert cached.keys() == plain.keys() and len(cached) >= 8
+    for k in cached:
+        assert torch.equal(cached[k].codes, plain[k].codes), k
+        assert torch.equal(cached[k].scale, plain[k].scale), k
+    batches_x_layers = len(_ids()) * ckpt.config["num_hidden_layers"]
+    assert set(n_cached) == norms
+    for name in norms:
+        assert n_cached[name] == 2 * batches_x_layers, (name, n_cached, n_plain)
+        assert n_plain[name] > n_cached[name], (name, n_cached, n_plain)
+
+
 def test_true_sequential_changes_later_groups_only(tiny32: Path, tmp_path: Path) -> None:
     _, ts = _run(tiny32, tmp_path / "a", true_sequential=True)
     _, flat = _run(tiny32, tmp_path / "b", true_sequential=False)

@@ -3,8 +3,9 @@
 Data-parallel calibration and weight-parallel GPTQ on ``torch.distributed`` (gloo for the CPU,
 NCCL for CUDA tensors; one process group serves both, ``cpu:gloo,cuda:nccl``):
 
-- **samples** are cut into at most :data:`GROUPS` groups of consecutive batches
-  (:func:`groups`); each rank runs the embedding pass and every layer's forwards on a contiguous
+- **samples** are cut into at most :data:`GROUPS` groups of consecutive batches, of at least
+  :data:`GROUP_TOKENS` tokens where there are enough (:func:`groups`); each rank runs the
+  embedding pass and every layer's forwards on a contiguous
   run of whole groups (:func:`shard`). A batch's forward is the same computation on any rank, so
   the hidden states are the single-process run's, bit for bit.
 - **statistics and Hessians** are summed exactly: each group's partial sum (the single-process
@@ -49,6 +50,12 @@ T = TypeVar("T")
 # forwards). The exact sums fold once per group, which keeps their cost small next to the
 # products they add up.
 GROUPS = 32
+# ...but a group holds at least GROUP_TOKENS tokens while that leaves MIN_GROUPS groups: a group's
+# end flushes the Hessian accumulators' row buffers (2048 rows) and folds every sum, so groups
+# of a single 512-token batch made thin products and a fold per batch (SmolLM2 GPTQ, 32 x 512
+# tokens: 32 groups of 1 batch, now 8 of 4)
+GROUP_TOKENS = 2048
+MIN_GROUPS = 8
 # An all-gather of float64 pairs moves at most this many elements per rank at once.
 _CHUNK = 1 << 22
 TIMEOUT_S = int(os.environ.get("QTOOL_DIST_TIMEOUT", "1800"))
@@ -57,26 +64,31 @@ TIMEOUT_S = int(os.environ.get("QTOOL_DIST_TIMEOUT", "1800"))
 # -- batches ---------------------------------------------------------------------------------
 
 
-def groups(n_batches: int) -> list[range]:
-    """The batches ``0..n-1`` in at most :data:`GROUPS` groups of consecutive batches (every
-    group ``ceil(n / GROUPS)`` batches, the last one shorter): a function of ``n`` alone, so
-    every world size sums the same groups."""
-    size = max(1, -(-n_batches // GROUPS))
+def groups(n_batches: int, batch_tokens: int = 0) -> list[range]:
+    """The batches ``0..n-1`` in groups of consecutive batches (every group ``ceil(n / k)``
+    batches, the last one shorter): ``k`` at most :data:`GROUPS`, and with ``batch_tokens``
+    (tokens a batch) no more than make :data:`GROUP_TOKENS` tokens a group unless that left
+    fewer than :data:`MIN_GROUPS`. A function of the batches alone, so every world size sums
+    the same groups."""
+    k = min(GROUPS, n_batches)
+    if batch_tokens > 0:
+        k = min(k, max(MIN_GROUPS, n_batches * batch_tokens // GROUP_TOKENS))
+    size = max(1, -(-n_batches // max(1, k)))
     return [range(a, min(a + size, n_batches)) for a in range(0, n_batches, size)]
 
 
-def shard(n_batches: int, rank: int, size: int) -> range:
+def shard(n_batches: int, rank: int, size: int, batch_tokens: int = 0) -> range:
     """Rank ``rank``'s batches: a contiguous run of whole groups, the groups spread evenly."""
-    gs = groups(n_batches)
+    gs = groups(n_batches, batch_tokens)
     lo, hi = len(gs) * rank // size, len(gs) * (rank + 1) // size
     if lo >= hi:
         return range(0, 0)
     return range(gs[lo].start, gs[hi - 1].stop)
 
 
-def group_ends(batches: range, n_batches: int) -> list[bool]:
+def group_ends(batches: range, n_batches: int, batch_tokens: int = 0) -> list[bool]:
     """For each batch of ``batches`` (a shard of ``n_batches``), whether it closes a group."""
-    stops = {g.stop for g in groups(n_batches)}
+    stops = {g.stop for g in groups(n_batches, batch_tokens)}
     return [j + 1 in stops for j in batches]
 
 

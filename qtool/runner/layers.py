@@ -438,6 +438,7 @@ class Session:
         self.world = w = world if world is not None else World()
         everything = list(ids.split(max(1, batch_size)))
         self.n_total = len(everything)
+        self.batch_tokens = max(1, batch_size) * int(ids.shape[-1]) if ids.dim() > 1 else 0
         if w.active:
             import hashlib
 
@@ -455,7 +456,7 @@ class Session:
                     ],
                 }
             )
-            n_groups = len(groups(self.n_total))
+            n_groups = len(groups(self.n_total, self.batch_tokens))
             if n_groups < w.size:
                 raise BadInputError(
                     f"{w.size} ranks for {self.n_total} calibration batches in {n_groups} "
@@ -463,9 +464,9 @@ class Session:
                     hint=f"run at most {n_groups} processes, or calibrate on more samples",
                 )
         self.tokens = int(ids.numel())  # all ranks' (the checkpoints hold every batch)
-        mine = shard(self.n_total, w.rank, w.size)
+        mine = shard(self.n_total, w.rank, w.size, self.batch_tokens)
         self.batches = everything[mine.start : mine.stop]
-        self.group_end = group_ends(mine, self.n_total)
+        self.group_end = group_ends(mine, self.n_total, self.batch_tokens)
         self.model = build_skeleton(ckpt, dtype)
         self.parts = _parts(self.model)
         self.loader = WeightLoader(ckpt, device, dtype)
@@ -481,7 +482,10 @@ class Session:
 
     def shards(self) -> list[range]:
         """Every rank's batches (by index among all)."""
-        return [shard(self.n_total, r, self.world.size) for r in range(self.world.size)]
+        return [
+            shard(self.n_total, r, self.world.size, self.batch_tokens)
+            for r in range(self.world.size)
+        ]
 
     def stash(self, name: str) -> Stash:
         """A new per-batch store placed as the plan says."""

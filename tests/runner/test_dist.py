@@ -30,17 +30,34 @@ REPO = Path(__file__).resolve().parents[2]
 # -- batches and jobs -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("tokens", [0, 64, 512, 2048])
 @pytest.mark.parametrize("n", [1, 5, 32, 33, 128, 1000])
-def test_groups_and_shards_cover_every_batch_once(n: int) -> None:
-    gs = groups(n)
+def test_groups_and_shards_cover_every_batch_once(n: int, tokens: int) -> None:
+    gs = groups(n, tokens)
     assert len(gs) <= GROUPS and [j for g in gs for j in g] == list(range(n))
     for size in range(1, min(len(gs), 5) + 1):
-        shards = [shard(n, r, size) for r in range(size)]
+        shards = [shard(n, r, size, tokens) for r in range(size)]
         assert [j for s in shards for j in s] == list(range(n))
         starts = {g.start for g in gs}
         assert all(s.start in starts for s in shards if len(s))  # whole groups only
-        ends = [e for s in shards for e in group_ends(s, n)]
+        ends = [e for s in shards for e in group_ends(s, n, tokens)]
         assert ends == [j + 1 in {g.stop for g in gs} for j in range(n)]
+
+
+@pytest.mark.parametrize(
+    "n,tokens,sizes",
+    [
+        (32, 512, [4] * 8),  # SmolLM2's 32 x 512: 8 groups of 2048 tokens, not 32 of 512
+        (128, 512, [4] * 32),  # at most 32 groups
+        (64, 512, [4] * 16),
+        (16, 64, [2] * 8),  # few tokens: still 8 groups (ranks need groups)
+        (6, 64, [1] * 6),  # fewer batches than that: one each
+        (10, 2048, [1] * 10),  # a batch of 2048 tokens is a group
+        (40, 0, [2] * 20),  # tokens unknown: 32 groups at most, as before
+    ],
+)
+def test_groups_hold_2048_tokens_while_8_remain(n: int, tokens: int, sizes: list[int]) -> None:
+    assert [len(g) for g in groups(n, tokens)] == sizes
 
 
 def test_assign_balances_and_is_deterministic() -> None:

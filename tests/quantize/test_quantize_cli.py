@@ -170,8 +170,9 @@ def test_gptq_batch_size_is_planned_and_solves_the_same_problem(
     cli, tok32: Path, tmp_path: Path
 ) -> None:
     """``--batch-size 4``: the memory plan counts four samples per forward, and the run solves
-    the same problems as one sample at a time (the Hessians are exact sums, whatever the
-    batching; only the forwards' rounding may differ with the batch's shape)."""
+    the same problems as one sample at a time. The Hessians are exact sums of float32 group
+    sums, and the groups follow the batches (8 of one sample against 2 of four), so they agree
+    to float32 rounding; later layers' inputs also come from forwards of another shape."""
     args = ("quantize", tok32, "--method", "gptq", "--bits", "4", "-g", "64",
             "-d", "canterbury", "-n", "8", "-L", "64", "--json")  # fmt: skip
     plans = {b: cli(*args, "-b", b, "-o", tmp_path / "p", "--dry-run") for b in ("1", "4")}
@@ -184,9 +185,9 @@ def test_gptq_batch_size_is_planned_and_solves_the_same_problem(
     assert [r["name"] for r in one] == [r["name"] for r in four]
     for a, b in zip(one, four, strict=True):
         if a["name"] in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"):
-            # the first layer's q/k: the same inputs (the embeddings, normed row by row), and
-            # a Hessian is an exact sum whatever the batching: the same solve, bit for bit
-            assert b["gptq_rel_error"] == a["gptq_rel_error"], (a, b)
+            # the first layer's q/k: the same inputs (the embeddings, normed row by row), so
+            # the same Hessian to float32 rounding of the group sums: the same solve
+            assert b["gptq_rel_error"] == pytest.approx(a["gptq_rel_error"], rel=1e-4), (a, b)
         else:  # later inputs went through forwards of another shape (float32 rounding)
             assert b["gptq_rel_error"] == pytest.approx(a["gptq_rel_error"], rel=0.05), (a, b)
         assert b["gptq_rel_error"] < b["rtn_rel_error"]

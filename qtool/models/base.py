@@ -439,6 +439,8 @@ class GenericFamily(Family):
     are the best guess); refused by everything that converts or runs it."""
 
     sliceable_head = False
+    # its norms and who reads them are unknown: nothing to smooth, no norm the runner may skip
+    smooth_pairs: ClassVar[tuple[tuple[str, tuple[str, ...]], ...]] = ()
 
 
 def family_for(

@@ -429,7 +429,10 @@ class Session:
         reporter: Reporter = SILENT,
         world: World | None = None,
     ) -> None:
+        from qtool.models import family_for
+
         self.ckpt = ckpt
+        self.family = family_for(ckpt.config, strict=False)
         self.device = device
         self.dtype = dtype
         self.place = place

@@ -313,8 +313,9 @@ class _LayerPasses:
         self.cache_outputs = cache_outputs
         self.cache: dict[str, _Outputs] = {}
         self.modules = {n: m for n, m in layer.named_modules() if n}
-        # norm -> the linears that alone read its output (the family's SmoothQuant pairs): a
-        # pass where all of them sit under modules replaying their outputs skips the norm
+        # norm -> the linears that alone read its output (the family's SmoothQuant pairs, which
+        # SmoothQuant needs complete too; none for an architecture without a family): a pass
+        # where all of them sit under modules replaying their outputs skips the norm
         self.norm_feeds = {
             n: lins
             for n, lins in (norm_feeds or {}).items()
@@ -663,9 +664,8 @@ def _quantize_layer(
     # was recorded: true-sequential runs only
     tails = plan.tails if sequential else {}
     cache = opts.cache_outputs and propagate
-    passes = _LayerPasses(
-        layer, linears, hidden, args, session.stash, cache, tails, _norm_feeds(session.ckpt)
-    )
+    norm_feeds = dict(session.family.smooth_pairs)  # who reads each norm's output
+    passes = _LayerPasses(layer, linears, hidden, args, session.stash, cache, tails, norm_feeds)
     passes.optional = experts
     n_passes = len(stages) + 1
     reporter.stage(f"layer {index}", index + 1, total, n_passes * len(session.batches))
@@ -761,16 +761,6 @@ def _quantize_layer(
     finally:
         passes.close()
     return results, reports
-
-
-def _norm_feeds(ckpt: Checkpoint) -> dict[str, tuple[str, ...]]:
-    """Each norm of a decoder layer and the linears that alone read its output: the family's
-    SmoothQuant pairs, which must be complete for SmoothQuant to be right; none for an
-    architecture qtool has no family for."""
-    from qtool.models import GenericFamily, family_for
-
-    family = family_for(ckpt.config, strict=False)
-    return {} if isinstance(family, GenericFamily) else dict(family.smooth_pairs)
 
 
 def _cost(lin: nn.Linear) -> float:

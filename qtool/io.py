@@ -96,9 +96,11 @@ def atomic_file(
 
 
 @contextmanager
-def atomic_dir(path: Path | str) -> Iterator[Path]:
+def atomic_dir(path: Path | str, *, first_wins: bool = False) -> Iterator[Path]:
     """A temporary folder beside ``path``; on success it replaces ``path`` (an existing folder
-    goes only after the new one is in place), on failure it is removed."""
+    goes only after the new one is in place), on failure it is removed. ``first_wins``: a cache
+    entry that several processes may make at once — when ``path`` exists by the time this one
+    is complete, the existing one stays (its readers never see it go) and this one is dropped."""
     out = Path(path).expanduser().resolve()
     check_writable(out, folder=True)
     try:
@@ -109,16 +111,24 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
         with output_errors(out):
             yield tmp
             interrupt.check()
-            _replace_dir(tmp, out)
+            _replace_dir(tmp, out, first_wins=first_wins)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
+def _replace_dir(tmp: Path, out: Path, *, first_wins: bool = False) -> None:
     for f in tmp.rglob("*"):
         os.chmod(f, 0o755 if f.is_dir() else 0o644)
     os.chmod(tmp, 0o755)
+    if first_wins:
+        try:
+            os.rename(tmp, out)  # fails when another process made ``out`` meanwhile
+        except OSError:
+            if not out.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     if not out.exists():
         os.replace(tmp, out)
         return

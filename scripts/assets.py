@@ -17,6 +17,7 @@ so an interrupted run leaves nothing half-made. Prints the asset paths as JSON o
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -180,17 +181,27 @@ def main() -> None:
     ap.add_argument("--path", metavar="KEY", help="print only this asset's path (e.g. smollm2_hf)")
     args = ap.parse_args()
     ROOT.mkdir(parents=True, exist_ok=True)
+    # one preparer at a time: test workers start together on a fresh machine, and the steps'
+    # downloads and temporary names are shared; the one that waited finds everything made
+    with open(ROOT / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        paths = prepare(gemma=args.gemma)
+    print(paths[args.path] if args.path else json.dumps(paths, indent=2))
+
+
+def prepare(*, gemma: bool) -> dict[str, str | None]:
+    """Every asset (Gemma 3 too with ``gemma``), made where missing; their paths."""
     paths: dict[str, str | None] = {"root": str(ROOT)}
     paths["canterbury"] = str(canterbury())
     g = smollm2_gguf()
     paths["smollm2_gguf"] = str(g)
     paths["smollm2_hf"] = str(hf_from_gguf(g, ROOT / "smollm2-135m-instruct-hf"))
     paths["gemma3_gguf"] = paths["gemma3_hf"] = None
-    if args.gemma:
+    if gemma:
         gg = gemma3_gguf()
         paths["gemma3_gguf"] = str(gg)
         paths["gemma3_hf"] = str(hf_from_gguf(gg, ROOT / "gemma3-270m-hf"))
-    print(paths[args.path] if args.path else json.dumps(paths, indent=2))
+    return paths
 
 
 if __name__ == "__main__":

@@ -75,21 +75,26 @@ for d in "$BUILD" "$SRC"; do
     fi
 done
 
-# One build at a time (two test sessions may start together).
-mkdir -p "$BUILD"
-if command -v flock >/dev/null; then
-    exec 9>"$BUILD/.lock"
-    flock 9
-fi
+# One fetch of the sources and one build at a time (test workers and sessions may start
+# together), each under its own lock: a caller that needs only the sources (--src, the
+# converter tests) never waits for a build.
+lock() {  # lock FD FILE: hold FILE's lock on file descriptor FD until it is closed
+    command -v flock >/dev/null || return 0
+    eval "exec $1>\"\$2\""
+    flock "$1"
+}
 
 # The sources: the llama-cpp-python sdist from PyPI, unpacked next to the build folder.
+top="$CACHE/llama-src"
+if [ ! -f "$SRC/CMakeLists.txt" ] && [ -z "${QTOOL_LLAMA_SRC:-}" ]; then
+    mkdir -p "$top"
+    lock 8 "$top/.lock"
+fi
 if [ ! -f "$SRC/CMakeLists.txt" ]; then
     if [ -n "${QTOOL_LLAMA_SRC:-}" ]; then
         echo "error: no llama.cpp sources at QTOOL_LLAMA_SRC=$SRC" >&2
         exit 2
     fi
-    top="$CACHE/llama-src"
-    mkdir -p "$top"
     tmp="$(mktemp -d "$top/.fetch.XXXXXX")"
     trap 'rm -rf "$tmp"' EXIT
     echo "fetching the llama-cpp-python $VERSION sdist into $top" >&2
@@ -102,10 +107,13 @@ if [ ! -f "$SRC/CMakeLists.txt" ]; then
     trap - EXIT
     [ -f "$SRC/CMakeLists.txt" ] || { echo "error: the sdist has no $SRC" >&2; exit 2; }
 fi
+exec 8>&-  # the sources are complete: release their lock
 if [ "$MODE" = src ]; then
     echo "$SRC"
     exit 0
 fi
+mkdir -p "$BUILD"
+lock 9 "$BUILD/.lock"
 
 # One subfolder per recipe: what the tools are built from and (shared) linked against, so venvs
 # of several work trees each keep their own build. Its stamp is written once the tools are built.

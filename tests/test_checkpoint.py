@@ -182,3 +182,22 @@ def test_nonsense_options(cli, tiny_llama: Path, args: list[str], needle: str) -
     assert r.exit_code == 2, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr
     assert r.stdout == ""
+
+
+def test_cache_folder_made_twice_at_once_keeps_the_first(tmp_path: Path) -> None:
+    """Two processes filling the same cache entry (the GGUF -> HF view, test workers sharing an
+    asset): the one finishing second drops its copy; a reader of the first never sees it go."""
+    from qtool.io import atomic_dir
+
+    out = tmp_path / "entry"
+    with atomic_dir(out, first_wins=True) as second:
+        (second / "config.json").write_text("second")
+        with atomic_dir(out, first_wins=True) as first:  # starts later, finishes first
+            (first / "config.json").write_text("first")
+        held = (out / "config.json").open()  # a reader of the first entry
+    assert held.read() == "first" and (out / "config.json").read_text() == "first"
+    held.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]  # no temporary left
+    with atomic_dir(out) as again:  # the default still replaces
+        (again / "config.json").write_text("new")
+    assert (out / "config.json").read_text() == "new"

@@ -75,7 +75,7 @@ def hf_folder(ckpt: Checkpoint, family: Family | None = None) -> Path:
     family = family or family_for(ckpt.config)
     family.check_gguf_source(ckpt)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with _gguf_link(ckpt.gguf_path) as (link_dir, name), atomic_dir(folder) as tmp:
+    with _gguf_link(ckpt.gguf_path) as (link_dir, name), atomic_dir(folder, first_wins=True) as tmp:
         local = {"gguf_file": name, "local_files_only": True, "trust_remote_code": False}
         added = _write_config(ckpt, family, link_dir, local, tmp)
         tokenizer = _write_tokenizer(ckpt, link_dir, local, tmp)

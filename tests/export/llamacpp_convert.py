@@ -1,8 +1,9 @@
 """llama.cpp's own HF -> GGUF converter (``convert_hf_to_gguf.py`` of the llama-cpp-python
 sdist qtool's reference library is built from) as the reference for qtool's GGUF export.
 
-The sources are fetched once (``pip download`` of the sdist, unpacked) into a cache folder
-outside git, ``~/.cache/qtool/llama-src`` or ``$QTOOL_LLAMA_SRC_CACHE``. The converter runs in
+The sources are fetched once (``pip download`` of the sdist, unpacked, by
+``scripts/build_llama_tools.sh --src``) into a cache folder outside git,
+``~/.cache/qtool/llama-src`` (or ``$QTOOL_LLAMA_SRC``). The converter runs in
 a subprocess of this venv's Python with its own ``gguf-py`` first on the path, as it runs from
 a llama.cpp checkout. The only thing the harness adds: the tiny test models use SmolLM2's
 tokenizer cut to 1024 ids, whose check-text hash llama.cpp's table cannot know; when the
@@ -15,58 +16,29 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tarfile
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-LLAMA_CPP_VERSION = "0.3.36"
-SDIST = f"llama_cpp_python-{LLAMA_CPP_VERSION}"
-
-
-def cache_dir() -> Path:
-    default = Path.home() / ".cache" / "qtool" / "llama-src"
-    return Path(os.environ.get("QTOOL_LLAMA_SRC_CACHE", default))
+REPO = Path(__file__).resolve().parents[2]
 
 
 def llama_cpp_source() -> Path:
-    """llama.cpp's sources (the folder holding ``convert_hf_to_gguf.py``), fetched and unpacked
-    on first use. Raises RuntimeError when they cannot be fetched."""
-    root = cache_dir()
-    src = root / SDIST / "vendor" / "llama.cpp"
-    if (src / "convert_hf_to_gguf.py").is_file() and (src / "conversion").is_dir():
-        return src
-    root.mkdir(parents=True, exist_ok=True)
-    dl = root / "downloads"
-    tarball = dl / f"{SDIST}.tar.gz"
-    if not tarball.is_file():
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
-               ":all:", "-d", str(dl), f"llama-cpp-python=={LLAMA_CPP_VERSION}"]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not tarball.is_file():
-            raise RuntimeError(
-                f"cannot fetch the llama-cpp-python {LLAMA_CPP_VERSION} sdist "
-                f"(llama.cpp's converter):\n{proc.stderr[-2000:]}"
-            )
-    wanted = (
-        f"{SDIST}/vendor/llama.cpp/convert_hf_to_gguf.py",
-        f"{SDIST}/vendor/llama.cpp/conversion/",
-        f"{SDIST}/vendor/llama.cpp/gguf-py/",
+    """llama.cpp's sources (the folder holding ``convert_hf_to_gguf.py``) of the installed
+    llama-cpp-python, fetched and unpacked on first use by ``scripts/build_llama_tools.sh
+    --src``: one fetcher, under one lock, for these tests, the moe tests and the tool build
+    (several test workers may ask at once). Raises RuntimeError when they cannot be had."""
+    cmd = ["bash", str(REPO / "scripts" / "build_llama_tools.sh"), "--src"]
+    p = subprocess.run(
+        cmd, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True
     )
-    with tempfile.TemporaryDirectory(dir=root) as tmp, tarfile.open(tarball) as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(wanted)]
-        tar.extractall(tmp, members=members, filter="data")
-        target = root / SDIST
-        if not (src / "convert_hf_to_gguf.py").is_file():
-            if target.exists():  # a partial earlier unpack
-                import shutil
-
-                shutil.rmtree(target)
-            os.replace(Path(tmp) / SDIST, target)
+    lines = p.stdout.strip().splitlines()
+    if p.returncode != 0 or not lines:
+        raise RuntimeError(f"cannot fetch llama.cpp's sources (its converter):\n{p.stderr[-2000:]}")
+    src = Path(lines[-1])
     if not (src / "convert_hf_to_gguf.py").is_file():
-        raise RuntimeError(f"{tarball}: no vendor/llama.cpp/convert_hf_to_gguf.py inside")
+        raise RuntimeError(f"{src}: no convert_hf_to_gguf.py inside")
     return src
 
 

@@ -44,8 +44,8 @@ ComputeDtype = Annotated[
     str | None,
     typer.Option(
         "--compute-dtype",
-        help="Forward passes' dtype: auto (bfloat16 where fast: GPUs, CPUs with AVX-512 BF16 "
-        "or AMX; else float32), float32, bfloat16, float16 \\[auto].",
+        help="Forward passes' dtype: auto (bfloat16 where fast: GPUs, CPUs with AMX; else "
+        "float32), float32, bfloat16, float16 \\[auto].",
     ),
 ]
 Nproc = Annotated[

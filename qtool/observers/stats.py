@@ -58,8 +58,9 @@ def _exact_bf16_products(
     """float32 matrix products on the CPU through oneDNN's bf16 kernels (AMX or AVX-512 BF16)
     when the values came from a bfloat16 forward (``src``): a bf16 value times a bf16 value is
     exact in float32 and the kernels accumulate in float32, so ``x^T x`` is what the float32
-    kernel computes, up to the order of the additions, about 1.6x faster on this machine's kind
-    of CPU. Any other input keeps full float32 products (a float32 value is not exact in bf16)."""
+    kernel computes, up to the order of the additions, about 1.6x faster on a CPU with AMX
+    (without AMX, oneDNN keeps its float32 kernel: nothing changes). Any other input keeps
+    full float32 products (a float32 value is not exact in bf16)."""
     mm: Any = getattr(torch.backends.mkldnn, "matmul", None)  # torch >= 2.9 (not in stubs)
     use = (
         src == torch.bfloat16

@@ -16,12 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 # Test workers (pytest-xdist: `make test` runs one per core): each worker, and every qtool
 # process its tests start, gets its share of the cores' threads instead of all of them, so
 # the workers do not fight over the cores (OpenMP threads spin while they wait). A test that
-# needs a thread count sets OMP_NUM_THREADS itself.
+# needs a thread count sets OMP_NUM_THREADS itself. (No plugin imports torch before this file:
+# torch reads the variable when it is first imported.)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
 if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
-    if "torch" in sys.modules:  # imported before this file (by a plugin): set it there too
-        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @dataclass(frozen=True)

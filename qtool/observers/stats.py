@@ -55,8 +55,8 @@ class NonFiniteError(QToolError):
 def _exact_bf16_products(
     src: torch.dtype, acc_dtype: torch.dtype, device: torch.device
 ) -> Iterator[None]:
-    """float32 matrix products on the CPU through oneDNN's bf16 kernels (AMX or AVX-512 BF16)
-    when the values came from a bfloat16 forward (``src``): a bf16 value times a bf16 value is
+    """float32 matrix products on the CPU through oneDNN's bf16 kernels when the values came
+    from a bfloat16 forward (``src``): a bf16 value times a bf16 value is
     exact in float32 and the kernels accumulate in float32, so ``x^T x`` is what the float32
     kernel computes, up to the order of the additions, about 1.6x faster on a CPU with AMX
     (without AMX, oneDNN keeps its float32 kernel: nothing changes). Any other input keeps

@@ -22,8 +22,8 @@ of the model is never in memory. This follows the sequential scheme of GPTQ's re
 calibration (:func:`calibrate_layerwise`) and GPTQ (:mod:`.sequential`).
 
 The compute dtype (``auto``: bfloat16 where the device multiplies it fast — a GPU with bf16, a
-CPU with AMX — else float32) is the forward passes'; accumulators (statistics,
-Hessians) stay float32 or float64, and GPTQ solves on the checkpoint's own weights.
+CPU with AMX — else float32) is the forward passes'; accumulators (statistics, Hessians) stay
+float32 or float64, and GPTQ solves on the checkpoint's own weights.
 """
 
 from __future__ import annotations

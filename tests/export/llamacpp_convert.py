@@ -22,21 +22,17 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+from llama_tools import llama_src  # noqa: E402
 
 
 def llama_cpp_source() -> Path:
     """llama.cpp's sources (the folder holding ``convert_hf_to_gguf.py``) of the installed
     llama-cpp-python, fetched and unpacked on first use by ``scripts/build_llama_tools.sh
     --src``: one fetcher, under one lock, for these tests, the moe tests and the tool build
-    (several test workers may ask at once). Raises RuntimeError when they cannot be had."""
-    cmd = ["bash", str(REPO / "scripts" / "build_llama_tools.sh"), "--src"]
-    p = subprocess.run(
-        cmd, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True
-    )
-    lines = p.stdout.strip().splitlines()
-    if p.returncode != 0 or not lines:
-        raise RuntimeError(f"cannot fetch llama.cpp's sources (its converter):\n{p.stderr[-2000:]}")
-    src = Path(lines[-1])
+    (several test workers may ask at once). Raises RuntimeError (``LlamaBuildError``) when
+    they cannot be had."""
+    src = llama_src()
     if not (src / "convert_hf_to_gguf.py").is_file():
         raise RuntimeError(f"{src}: no convert_hf_to_gguf.py inside")
     return src

@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # two workers on two cores take it from ~19 to ~9 minutes. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
-.PHONY: install assets assets-gemma demo test test-slow check bench bench-quantize bench-peers bench-dist bench-scale clean
+.PHONY: install assets assets-gemma demo test test-slow check bench bench-quantize bench-peers bench-dist bench-scale bench-floor clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,12 @@ bench-dist: assets
 BENCH_SCALE_ARGS ?=
 bench-scale: assets
 	$(PY) scripts/bench_scale.py $(BENCH_SCALE_ARGS) --out bench-scale.json
+
+# GPTQ's compute floor here (one forward of every layer + the Hessian products over the
+# calibration tokens, timed on SmolLM2-135M's own layer) against a real 128 x 512 run.
+BENCH_FLOOR_ARGS ?=
+bench-floor: assets
+	$(PY) scripts/bench_floor.py --run $(BENCH_FLOOR_ARGS) --out bench-floor-smollm2.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

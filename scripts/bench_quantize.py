@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import run_peak  # noqa: E402
+from measure import run_captured  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,19 +36,6 @@ def assets(model: str) -> Path:
     paths = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
     key = {"smollm2": "smollm2_hf", "gemma3": "gemma3_hf"}[model]
     return Path(paths[key])
-
-
-def run_measured(cmd: list[str]) -> tuple[float, int, str, str]:
-    """Wall seconds, peak RSS (bytes) of the process alone (``measure.run_peak``), stdout,
-    stderr."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        rc, wall, peak = run_peak(cmd, stdout=out, stderr=err)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if rc != 0:
-        raise SystemExit(f"failed ({rc}): {' '.join(cmd)}\n{stderr[-3000:]}")
-    return wall, peak, stdout, stderr
 
 
 def main() -> None:
@@ -87,7 +74,7 @@ def main() -> None:
                 if method == "gptq":
                     cmd += ["-d", "canterbury", "-n", str(a.samples), "-L", str(a.seq_len)]
                 print(f"[{name}] {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
-                wall, rss, stdout, _ = run_measured(cmd)
+                wall, rss, stdout, _ = run_captured(cmd)
                 res = json.loads(stdout)
                 row = {
                     "name": name,
@@ -111,7 +98,7 @@ def main() -> None:
                    "--dataset", a.eval_text, "--ctx", str(a.eval_ctx),
                    "--chunks", str(a.eval_chunks), "--json"]  # fmt: skip
     print(f"[eval] {len(rows)} artifacts on {a.eval_text}", file=sys.stderr, flush=True)
-    wall, rss, stdout, _ = run_measured(cmd)
+    wall, rss, stdout, _ = run_captured(cmd)
     ev = json.loads(stdout)
     by_path = {r["source"]: r for r in ev["artifacts"]}
     for r in rows:

@@ -41,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama_tools import assets  # noqa: E402
-from measure import run_peak  # noqa: E402
+from measure import run_captured  # noqa: E402
 
 # The published configs' numbers (meta-llama/Llama-3.2-1B, meta-llama/Llama-3.1-8B).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -166,19 +166,6 @@ def build_checkpoint(folder: Path, shape: dict[str, Any], layers: int, tok_src: 
     return total
 
 
-def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str, str]:
-    """Wall seconds, peak RSS of the command alone (``measure.run_peak``: this process, which
-    built the checkpoints, would count in ``wait4``'s figure), stdout, stderr."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        rc, wall, peak = run_peak(cmd, env=env, stdout=out, stderr=err)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if rc != 0:
-        raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}\n{stderr[-3000:]}")
-    return wall, peak, stdout, stderr
-
-
 def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     """Least-squares line through (layers, value): (fixed, per_layer)."""
     n = len(points)
@@ -239,7 +226,7 @@ def main() -> None:
                     "--format", "gptq", "-o", str(out), "--json",
                 ]  # fmt: skip
                 log(f"{shape['name']} x {layers} layers ({size / 2**30:.2f} GiB): GPTQ ...")
-                wall, rss, stdout, _ = run_measured(cmd, env)
+                wall, rss, stdout, _ = run_captured(cmd, env)
                 compute = json.loads(stdout).get("gptq", {})
                 runs.append(
                     {

@@ -63,3 +63,17 @@ def run_peak(
     m = Measured(cmd)
     subprocess.run(m.argv, env=env, stdout=stdout, stderr=stderr, check=False)
     return m.result()
+
+
+def run_captured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str, str]:
+    """Run ``cmd`` to completion with its output captured: wall seconds, peak RSS in bytes (the
+    command's own, :func:`run_peak`), stdout, stderr. A failed command ends the benchmark with
+    its stderr's tail."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        rc, wall, peak = run_peak(cmd, env=env, stdout=out, stderr=err)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if rc != 0:
+        raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}\n{stderr[-3000:]}")
+    return wall, peak, stdout, stderr

@@ -14,7 +14,9 @@ embeddings, through qtool's layer runner on a few batches of random token ids: t
 time does not depend on the tokens), times one forward of layer 0 per batch and the Hessian
 products of each input group at the accumulator's row count, and multiplies out to the run's
 samples and layers. ``--run`` then times ``qtool quantize --method gptq`` itself in a fresh
-process on the same settings (calibration on ``canterbury``) and reports floor / wall.
+process on the same settings (calibration on ``canterbury``) and reports floor / wall. Dense
+models: a mixture of experts' layer would be timed with its router's choices, not the every-expert
+passes its GPTQ runs.
 
     python scripts/bench_floor.py --run --out bench-floor-smollm2.json      # SmolLM2, 128 x 512
 

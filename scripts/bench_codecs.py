@@ -21,10 +21,10 @@ import json
 import os
 import platform
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from measure import best_time  # scripts/measure.py, beside this file
 from qtool.kernels import QUANT_TYPES, codec_for, get_type, quantize
 from qtool.kernels._ggml import load
 from qtool.kernels.codec import default_threads
@@ -49,15 +49,6 @@ def llama_quantize(g, qt, rows: np.ndarray, imatrix, threads: int) -> np.ndarray
         for j in jobs:
             j.result()
     return out
-
-
-def best_time(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main(argv: list[str] | None = None) -> int:

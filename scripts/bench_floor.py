@@ -31,13 +31,12 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama_tools import assets  # noqa: E402
-from measure import run_captured  # noqa: E402
+from measure import best_time, run_captured  # noqa: E402
 
 TIMED_BATCHES = 8  # batches the layer forward is timed over (the embedding pass runs on these)
 
@@ -46,24 +45,17 @@ def log(msg: str) -> None:
     print(f"[bench_floor] {msg}", file=sys.stderr, flush=True)
 
 
-def _sync(device: Any) -> None:
+def _best(fn: Any, device: Any, reps: int) -> float:
+    """Best of ``reps`` timed calls of ``fn`` (a GPU's work waited for) after one warm-up call."""
     import torch
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _best(fn: Any, device: Any, reps: int) -> float:
-    """Best of ``reps`` timed calls of ``fn`` after one warm-up call (seconds)."""
-    fn()
-    _sync(device)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
+    def call() -> None:
         fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    call()
+    return best_time(call, reps)
 
 
 def measure_floor(

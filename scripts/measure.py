@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -77,3 +79,13 @@ def run_captured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[flo
     if rc != 0:
         raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}\n{stderr[-3000:]}")
     return wall, peak, stdout, stderr
+
+
+def best_time(fn: Callable[[], Any], repeat: int) -> float:
+    """The shortest of ``repeat`` timed calls of ``fn``, in seconds."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best

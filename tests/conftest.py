@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -86,6 +87,24 @@ def make_tiny_llama(path: Path, dtype: str = "bfloat16", **overrides: object) ->
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def with_tokenizer(folder: Path, assets: Assets) -> Path:
+    """``folder`` (a checkpoint with SmolLM2's vocabulary size) given SmolLM2's tokenizer: what
+    calibration and ``qtool eval`` need of a tiny random model."""
+    for name in TOKENIZER_FILES:
+        shutil.copy(assets.smollm2_hf / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_tok(tmp_path_factory: pytest.TempPathFactory, assets: Assets) -> Path:
+    """A random 2-layer Llama (256/512 dims) with SmolLM2's vocabulary size and tokenizer."""
+    path = make_tiny_llama(tmp_path_factory.mktemp("tinytok") / "tiny-tok", vocab_size=49152)
+    return with_tokenizer(path, assets)
 
 
 @dataclass

@@ -2,23 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
-
-from tests.conftest import make_tiny_llama
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-@pytest.fixture(scope="session")
-def tiny_tok(tmp_path_factory: pytest.TempPathFactory, assets) -> Path:
-    """A random 2-layer Llama (256/512 dims) with SmolLM2's vocabulary size and tokenizer."""
-    path = make_tiny_llama(tmp_path_factory.mktemp("tinytok") / "tiny-tok", vocab_size=49152)
-    for name in TOKENIZER_FILES:
-        shutil.copy(assets.smollm2_hf / name, path / name)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import with_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from measure import run_peak  # noqa: E402
@@ -101,8 +102,7 @@ def peak_rss_of(cmd: list[str]) -> tuple[int, int, str]:
 def check_under_cap(tmp_path: Path, assets, *, cap: int, **shape: int) -> None:
     model = tmp_path / "synthetic"
     weights = write_synthetic_llama(model, **shape)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(assets.smollm2_hf / name, model / name)
+    with_tokenizer(model, assets)
     assert weights > cap, "the model must not fit under the cap"
     cmd = [
         sys.executable,

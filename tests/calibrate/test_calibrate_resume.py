@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qtool.runner.workdir import STATE
-from tests.conftest import make_tiny_llama, run_killed_after_layers
+from tests.conftest import make_tiny_llama, run_killed_after_layers, with_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +20,7 @@ def deep8(tmp_path_factory: pytest.TempPathFactory, assets) -> Path:
     path = make_tiny_llama(
         tmp_path_factory.mktemp("deep8") / "m", num_hidden_layers=8, vocab_size=49152
     )
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(assets.smollm2_hf / name, path / name)
-    return path
+    return with_tokenizer(path, assets)
 
 
 def _cmd(src: Path, out: Path, *extra: str) -> list[str]:

@@ -10,16 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import Assets, make_tiny_llama
+from tests.conftest import Assets, make_tiny_llama, with_tokenizer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 TINY_VOCAB = 49152  # SmolLM2's: the tiny model takes its tokenizer
-
-
-def with_tokenizer(folder: Path, assets: Assets) -> Path:
-    for name in TOKENIZER_FILES:
-        shutil.copy(assets.smollm2_hf / name, folder / name)
-    return folder
 
 
 def llama_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:

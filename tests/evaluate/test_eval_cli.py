@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_tiny_llama
-from tests.evaluate.conftest import with_tokenizer, write_llama_gguf
+from tests.conftest import make_tiny_llama, with_tokenizer
+from tests.evaluate.conftest import write_llama_gguf
 
 DATA = "canterbury:alice29.txt"
 FAST = ("--dataset", DATA, "--ctx", "64", "--chunks", "2", "--threads", "1")

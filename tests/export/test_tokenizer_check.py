@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from qtool.formats.tokcheck import probe_strings
-from tests.conftest import make_tiny_llama
-from tests.evaluate.conftest import with_tokenizer
+from tests.conftest import make_tiny_llama, with_tokenizer
 
 
 @pytest.fixture(scope="module")

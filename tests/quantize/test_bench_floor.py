@@ -6,24 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_tiny_llama
-
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny_tok(tmp_path_factory: pytest.TempPathFactory, assets) -> Path:
-    path = make_tiny_llama(tmp_path_factory.mktemp("floor") / "tiny", vocab_size=49152)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(assets.smollm2_hf / name, path / name)
-    return path
 
 
 def test_floor_times_the_models_groups_and_stays_under_a_real_run(

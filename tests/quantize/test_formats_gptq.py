@@ -26,7 +26,6 @@ from qtool.formats.folder import WriteRequest, write_checkpoint
 from qtool.formats.gptq import pack_weight
 from qtool.grids.affine import QuantizedWeight, QuantScheme
 from tests.conftest import make_tiny_llama
-from tests.evaluate.conftest import with_tokenizer
 from tests.quantize.formats_helpers import logits, reference_logits, rtn_loaders, write
 
 # -- an independent reference unpacker, deliberately naive (Python ints, one bit stream) --------
@@ -132,14 +131,6 @@ def _act_order(qw: QuantizedWeight) -> None:
     idx = torch.empty(qw.shape[1], dtype=torch.int32)
     idx[perm] = (torch.arange(qw.shape[1]) // qw.scheme.group_size).to(torch.int32)
     qw.g_idx = idx
-
-
-@pytest.fixture(scope="module")
-def tiny_tok(tmp_path_factory: pytest.TempPathFactory, assets) -> Path:
-    """The tiny Llama with SmolLM2's vocabulary and tokenizer (what ``qtool eval`` needs)."""
-    path = make_tiny_llama(tmp_path_factory.mktemp("gptq") / "tiny", dtype="bfloat16",
-                           vocab_size=49152)  # fmt: skip
-    return with_tokenizer(path, assets)
 
 
 def test_config_fields_and_files(tiny_tok: Path, tmp_path: Path) -> None:

@@ -9,13 +9,13 @@ cores (figures in the README's scale section).
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests.calibrate.test_calibrate_memory import GIB, peak_rss_of, write_synthetic_llama
+from tests.conftest import with_tokenizer
 
 HIDDEN, SAMPLES, SEQ = 256, 1000, 1024
 CAP = int(0.9 * GIB)
@@ -26,8 +26,7 @@ CANTERBURY = ("alice29.txt", "asyoulik.txt", "lcet10.txt", "plrabn12.txt")
 def synthetic(tmp_path_factory, assets) -> Path:
     model = tmp_path_factory.mktemp("cap") / "synthetic"
     write_synthetic_llama(model, hidden=HIDDEN, intermediate=512, layers=1)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(assets.smollm2_hf / name, model / name)
+    with_tokenizer(model, assets)
     # a million tokens: the four Canterbury texts six times over (the named set has 172k)
     texts = [(assets.canterbury / f).read_text(encoding="utf-8") for f in CANTERBURY]
     (model.parent / "text.txt").write_text("\n\n".join(texts * 6), encoding="utf-8")

@@ -13,7 +13,7 @@ import torch
 
 from qtool.checkpoint import open_checkpoint
 from qtool.models import family_for
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama, with_tokenizer
 
 
 def quantized_names(ckpt) -> list[str]:
@@ -31,9 +31,7 @@ def tok32(tmp_path_factory: pytest.TempPathFactory, assets) -> Path:
     path = make_tiny_llama(
         tmp_path_factory.mktemp("q") / "tok32", dtype="float32", vocab_size=49152
     )
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(assets.smollm2_hf / name, path / name)
-    return path
+    return with_tokenizer(path, assets)
 
 
 def _logits(path: Path, **kw) -> torch.Tensor:

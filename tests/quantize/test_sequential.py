@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from qtool.runner.sequential import (
     run_identity,
 )
 from qtool.runner.workdir import STATE
-from tests.conftest import make_tiny_llama, run_killed_after_layers
+from tests.conftest import make_tiny_llama, run_killed_after_layers, with_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,9 +41,7 @@ def deep_tok(tmp_path_factory: pytest.TempPathFactory, assets) -> Path:
     path = make_tiny_llama(
         tmp_path_factory.mktemp("deep") / "deep", num_hidden_layers=8, vocab_size=49152
     )
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(assets.smollm2_hf / name, path / name)
-    return path
+    return with_tokenizer(path, assets)
 
 
 def _ids(n: int = 6, seq: int = 64) -> torch.Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ import torch
 
 from qtool.observers.stats import HessianAccumulator, InputAccumulator, StatsCollector, merge
 from qtool.runner.dist import GROUPS, assign, group_ends, groups, shard
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama, with_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -215,9 +214,7 @@ def tok2(tmp_path_factory: pytest.TempPathFactory, assets) -> Path:
     """A float32 2-layer tiny Llama with SmolLM2's tokenizer."""
     path = make_tiny_llama(tmp_path_factory.mktemp("dist") / "tok2", dtype="float32",
                            vocab_size=49152)  # fmt: skip
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(assets.smollm2_hf / name, path / name)
-    return path
+    return with_tokenizer(path, assets)
 
 
 def _env(**extra: str) -> dict[str, str]:
